@@ -1,0 +1,1 @@
+"""diffusers integration of nag-kernels (installed as ``nag_kernels.integrations``)."""
