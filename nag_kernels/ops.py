@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .checks import check_backend, check_like, check_pair, check_params
+from .checks import check_backend, check_last_dim_contiguous, check_like, check_pair, check_params
 from .torch_backend import nag_torch
 
 
@@ -107,6 +107,8 @@ def nag_out_op(
     backend: str = "auto",
 ) -> None:
     backend = _validate(z_pos, z_neg, scale, tau, alpha, norm, backend)
+    check_like("out", out, "z_pos", z_pos)
+    check_last_dim_contiguous("out", out)
     _run(z_pos, z_neg, scale, tau, alpha, norm, backend, out=out)
 
 
@@ -115,6 +117,8 @@ def _nag_out_fake(out, z_pos, z_neg, scale, tau, alpha, norm="l1", backend="auto
     check_pair(z_pos, z_neg, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     check_params(scale, tau, alpha, norm)
     check_backend(backend)
+    check_like("out", out, "z_pos", z_pos)
+    check_last_dim_contiguous("out", out)
 
 
 def nag(
