@@ -5,7 +5,7 @@
 alias ``z_pos``). Both have fake implementations, so they run on meta tensors (no kernel launch) and trace under
 ``torch.compile(fullgraph=True)``; Inductor treats them as opaque calls.
 
-Backends: ``"triton"`` is the fused kernel of ``nag_kernels.nag`` (module ``nag.py``): CUDA/ROCm tensors, or CPU
+Backends: ``"triton"`` is the fused kernel of ``combine.py``: CUDA/ROCm tensors, or CPU
 tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests). ``"torch"`` is ``torch_backend.nag_torch``,
 fused PyTorch ops on any device. ``"auto"`` picks Triton where it can run and PyTorch elsewhere.
 """
@@ -56,9 +56,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _validate(z_pos, z_neg, scale, tau, alpha, norm, backend) -> str:
-    check_pair(z_pos, z_neg, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend) -> None:
+    """Device-independent checks, shared by the public function, the op and its fake impl."""
+    check_pair(z_pos, z_neg, dtypes=_OP_DTYPES)
     check_params(scale, tau, alpha, norm)
+    check_backend(backend)
+
+
+def _validate(z_pos, z_neg, scale, tau, alpha, norm, backend) -> str:
+    _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend)
     backend = resolve_backend(backend, z_pos.device)
     if backend == "triton" and z_pos.dtype == torch.float64:
         raise TypeError("z_pos must be float32, float16 or bfloat16 for backend='triton', got torch.float64")
@@ -67,7 +76,7 @@ def _validate(z_pos, z_neg, scale, tau, alpha, norm, backend) -> str:
 
 def _run(z_pos, z_neg, scale, tau, alpha, norm, backend, out):
     if backend == "triton":
-        from .nag import nag_triton
+        from .combine import nag_triton
 
         return nag_triton(z_pos, z_neg, scale, tau, alpha, norm, out=out)
     return nag_torch(z_pos, z_neg, scale, tau, alpha, norm, out=out)
@@ -89,9 +98,7 @@ def nag_op(
 
 @nag_op.register_fake
 def _nag_fake(z_pos, z_neg, scale, tau, alpha, norm="l1", backend="auto"):
-    check_pair(z_pos, z_neg, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    check_params(scale, tau, alpha, norm)
-    check_backend(backend)
+    _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend)
     return z_pos.new_empty(z_pos.shape)
 
 
@@ -114,9 +121,7 @@ def nag_out_op(
 
 @nag_out_op.register_fake
 def _nag_out_fake(out, z_pos, z_neg, scale, tau, alpha, norm="l1", backend="auto"):
-    check_pair(z_pos, z_neg, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    check_params(scale, tau, alpha, norm)
-    check_backend(backend)
+    _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend)
     check_like("out", out, "z_pos", z_pos)
     check_last_dim_contiguous("out", out)
 
@@ -162,6 +167,7 @@ def nag(
         >>> z_pos, z_neg = torch.randn(2, 1, 4096, 3072, device="cuda", dtype=torch.bfloat16)
         >>> guided = nag_kernels.nag(z_pos, z_neg, scale=5.0, tau=2.5, alpha=0.25)
     """
+    _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend)  # before the op's own schema checks
     if out is None:
         return torch.ops.nag_kernels.nag(z_pos, z_neg, scale, tau, alpha, norm, backend)
     check_like("out", out, "z_pos", z_pos)
