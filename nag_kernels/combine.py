@@ -170,18 +170,19 @@ def _row_layout(tensors: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
     return merged[::-1]
 
 
-def _launch(z_pos, z_neg, out, scale, tau, alpha, norm):
+def _launch(z_pos, z_neg, out, scale, tau, alpha, norm, config=None):
+    """Launch on validated tensors. ``config`` overrides ``launch_config`` (the tuning sweep uses it)."""
     layout = _row_layout([z_pos, z_neg, out])
     if len(layout) > 2:
         # Three or more leading dims that no strides let us merge (rare): one launch per index of dim 0, on views.
         for i in range(out.shape[0]):
-            _launch(z_pos[i], z_neg[i], out[i], scale, tau, alpha, norm)
+            _launch(z_pos[i], z_neg[i], out[i], scale, tau, alpha, norm, config)
         return
     layout = [(1, [0, 0, 0])] * (2 - len(layout)) + layout
     (n_outer, outer), (n_inner, inner) = layout
     n_rows = n_outer * n_inner
     C = out.shape[-1]
-    cfg = launch_config(C, n_rows)
+    cfg = config or launch_config(C, n_rows)
     strides = (outer[0], inner[0], outer[1], inner[1], outer[2], inner[2])
     common = dict(L2=norm == "l2", BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     if cfg["chunked"]:
