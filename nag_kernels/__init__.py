@@ -1,8 +1,9 @@
 """nag-kernels: fused Normalized Attention Guidance (NAG) for PyTorch and diffusers."""
 
+from .merge_ops import nag_merge
 from .ops import nag
-from .reference import nag_reference
+from .reference import nag_merge_reference, nag_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "nag", "nag_reference"]
+__all__ = ["__version__", "nag", "nag_merge", "nag_merge_reference", "nag_reference"]

@@ -1,0 +1,233 @@
+"""The registered fast-mode merge ops, their PyTorch backend and the public ``nag_merge`` function.
+
+``torch.ops.nag_kernels.nag_merge(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha,
+norm="l1", backend="auto")`` returns a new ``[B, N, H, D]`` tensor; ``torch.ops.nag_kernels.nag_merge_out(out, ...)``
+writes into ``out`` (which may be one of the ``o_*`` inputs). Both have fake implementations, so they run on meta
+tensors and trace under ``torch.compile(fullgraph=True)``; Inductor treats them as opaque calls.
+
+Backends, chosen as for ``nag`` (``ops.resolve_backend``): ``"triton"`` is the fused kernel of ``merge.py`` (CUDA/ROCm,
+or CPU under ``TRITON_INTERPRET=1``); ``"torch"`` is ``nag_merge_torch`` below, PyTorch ops on any device (and the
+only one that takes float64); ``"auto"`` picks Triton where it can run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_backend, check_float_tensor, check_last_dim_contiguous, check_like, check_params
+from .ops import resolve_backend
+from .torch_backend import nag_torch
+
+O_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (merge-specific; the scalar and tensor helpers come from checks.py)
+
+
+def check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg) -> None:
+    """``o_*``: ``[B, N, H, D]``, one float dtype and device, last dim contiguous. ``lse_*``: ``[B, N, H]`` on the same
+    device, float32 (float32 or float64 when ``o_*`` are float64), any strides."""
+    check_float_tensor("o_pos", o_pos, O_DTYPES)
+    if o_pos.dim() != 4:
+        raise ValueError(f"o_pos must be 4-D [B, N, H, D] (batch, tokens, heads, head_dim), got shape {tuple(o_pos.shape)}")
+    check_like("o_shared", o_shared, "o_pos", o_pos)
+    check_like("o_neg", o_neg, "o_pos", o_pos)
+    for name, o in (("o_shared", o_shared), ("o_pos", o_pos), ("o_neg", o_neg)):
+        check_last_dim_contiguous(name, o)
+    lse_dtypes = (torch.float32, torch.float64) if o_pos.dtype == torch.float64 else (torch.float32,)
+    lse_shape = tuple(o_pos.shape[:3])
+    for name, lse in (("lse_shared", lse_shared), ("lse_pos", lse_pos), ("lse_neg", lse_neg)):
+        if not isinstance(lse, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(lse).__name__}")
+        if lse.dtype not in lse_dtypes:
+            raise TypeError(f"{name} must have dtype in {[str(d) for d in lse_dtypes]}, got {lse.dtype}")
+        if tuple(lse.shape) != lse_shape:
+            raise ValueError(
+                f"{name} must have shape [B, N, H] = {lse_shape} (pass SDPA's [B, H, N] LSE as lse.transpose(1, 2)), "
+                f"got {tuple(lse.shape)}"
+            )
+        if lse.device != o_pos.device:
+            raise ValueError(f"{name} must be on the device of o_pos ({o_pos.device}), got {lse.device}")
+
+
+def check_merge_out(out, o_pos) -> None:
+    check_like("out", out, "o_pos", o_pos)
+    check_last_dim_contiguous("out", out)
+
+
+def _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend) -> str:
+    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    check_params(scale, tau, alpha, norm)
+    backend = resolve_backend(backend, o_pos.device)
+    if backend == "triton" and o_pos.dtype == torch.float64:
+        raise TypeError("o_pos must be float32, float16 or bfloat16 for backend='triton', got torch.float64")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch backend
+
+
+def _merge_torch(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, dtype) -> torch.Tensor:
+    """LSE merge of two parts in ``dtype``: normalized weights on ``[B, N, H]``, then one multiply and one addcmul."""
+    la, lb = lse_a.to(dtype), lse_b.to(dtype)
+    m = torch.maximum(la, lb)  # propagates NaN: a NaN LSE gives NaN weights
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # both empty: weights exp(-inf) = 0
+    w_a = (la - m).exp_()
+    w_b = (lb - m).exp_()
+    denom = w_a + w_b
+    denom.masked_fill_(denom == 0, 1.0)
+    w_a.div_(denom)
+    w_b.div_(denom)
+    return (o_a * w_a[..., None]).addcmul_(o_b.to(dtype), w_b[..., None])
+
+
+def nag_merge_torch(
+    o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", out=None
+) -> torch.Tensor:
+    """Merge + NAG in PyTorch ops (float32, or float64 for float64 inputs); same semantics as the kernel."""
+    dtype = torch.float64 if o_pos.dtype == torch.float64 else torch.float32
+    o_s = o_shared.to(dtype)
+    z_pos = _merge_torch(o_s, lse_shared, o_pos, lse_pos, dtype)
+    z_neg = _merge_torch(o_s, lse_shared, o_neg, lse_neg, dtype)
+    result = nag_torch(z_pos.flatten(-2), z_neg.flatten(-2), scale, tau, alpha, norm).unflatten(-1, o_pos.shape[-2:])
+    if out is None:
+        return result.to(o_pos.dtype).contiguous()
+    return out.copy_(result)
+
+
+def _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out):
+    if backend == "triton":
+        from .merge import nag_merge_triton
+
+        return nag_merge_triton(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, out=out)
+    return nag_merge_torch(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Op registration
+
+
+@torch.library.custom_op("nag_kernels::nag_merge", mutates_args=())
+def nag_merge_op(
+    o_shared: torch.Tensor,
+    lse_shared: torch.Tensor,
+    o_pos: torch.Tensor,
+    lse_pos: torch.Tensor,
+    o_neg: torch.Tensor,
+    lse_neg: torch.Tensor,
+    scale: float,
+    tau: float,
+    alpha: float,
+    norm: str = "l1",
+    backend: str = "auto",
+) -> torch.Tensor:
+    backend = _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
+    return _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out=None)
+
+
+@nag_merge_op.register_fake
+def _nag_merge_fake(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", backend="auto"):
+    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    check_params(scale, tau, alpha, norm)
+    check_backend(backend)
+    return o_pos.new_empty(o_pos.shape)
+
+
+@torch.library.custom_op("nag_kernels::nag_merge_out", mutates_args=("out",))
+def nag_merge_out_op(
+    out: torch.Tensor,
+    o_shared: torch.Tensor,
+    lse_shared: torch.Tensor,
+    o_pos: torch.Tensor,
+    lse_pos: torch.Tensor,
+    o_neg: torch.Tensor,
+    lse_neg: torch.Tensor,
+    scale: float,
+    tau: float,
+    alpha: float,
+    norm: str = "l1",
+    backend: str = "auto",
+) -> None:
+    backend = _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
+    check_merge_out(out, o_pos)
+    _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out=out)
+
+
+@nag_merge_out_op.register_fake
+def _nag_merge_out_fake(
+    out, o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", backend="auto"
+):
+    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    check_merge_out(out, o_pos)
+    check_params(scale, tau, alpha, norm)
+    check_backend(backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def nag_merge(
+    o_shared: torch.Tensor,
+    lse_shared: torch.Tensor,
+    o_pos: torch.Tensor,
+    lse_pos: torch.Tensor,
+    o_neg: torch.Tensor,
+    lse_neg: torch.Tensor,
+    scale: float,
+    tau: float = 2.5,
+    alpha: float = 0.25,
+    *,
+    norm: str = "l1",
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fast-mode NAG epilogue, fused: merge a shared partial attention into each branch, then NAG-combine.
+
+    Per token and head, each branch's output is the log-sum-exp merge of the shared part (keys both branches
+    attend to) and the branch's own part::
+
+        z_b = (exp(lse_shared - m) * o_shared + exp(lse_b - m) * o_b) / (exp(lse_shared - m) + exp(lse_b - m))
+
+    with ``m = max(lse_shared, lse_b)`` (a part with LSE ``-inf`` has weight 0, both empty give 0); then with heads
+    joined (``C = H * D``) ``out = nag(z_pos, z_neg, scale, tau, alpha)``. Exact semantics:
+    ``nag_kernels.nag_merge_reference``.
+
+    Args:
+        o_shared: ``(batch, seqlen, heads, head_dim)`` attention of the queries over the shared keys (the layout
+            diffusers' ``dispatch_attention_fn`` returns). float32, float16 or bfloat16 (float64 on ``"torch"``).
+            Last dim contiguous; other dims may be strided (not copied).
+        lse_shared: ``(batch, seqlen, heads)`` float32 natural-log-sum-exp of the scores of ``o_shared``, any strides:
+            pass SDPA's ``(batch, heads, seqlen)`` LSE as ``lse.transpose(1, 2)``.
+        o_pos, lse_pos: the same for the positive branch's own keys (e.g. its text tokens).
+        o_neg, lse_neg: the same for the NAG-negative branch's own keys.
+        scale: NAG scale (1 = off; typical 3-11). tau: norm-ratio clamp (> 0, typical 2.5). alpha: blend in [0, 1].
+        norm: ``"l1"`` (default, the paper's) or ``"l2"``.
+        out: optional ``(batch, seqlen, heads, head_dim)`` output with o_pos's dtype and device, last dim
+            contiguous; may be one of the ``o_*`` inputs itself.
+        backend: ``"auto"`` (Triton on CUDA/ROCm and under ``TRITON_INTERPRET=1``, PyTorch otherwise), ``"triton"``
+            or ``"torch"``.
+
+    Returns:
+        ``(batch, seqlen, heads, head_dim)`` in o_pos's dtype (``out`` when given). Merge and norms run in float32.
+
+    Example::
+
+        >>> from nag_kernels.attention import attention_with_lse
+        >>> o_img, lse_img = attention_with_lse(q_img, k_img, v_img)       # shared: image keys
+        >>> o_p, lse_p = attention_with_lse(q_img, k_txt_pos, v_txt_pos)   # positive text keys
+        >>> o_n, lse_n = attention_with_lse(q_img, k_txt_neg, v_txt_neg)   # NAG-negative text keys
+        >>> guided = nag_kernels.nag_merge(o_img, lse_img, o_p, lse_p, o_n, lse_n, scale=5.0)
+    """
+    # Checked before dispatch too: the op schema would otherwise reject a non-tensor or a non-float with a
+    # message that does not say what was expected.
+    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    check_params(scale, tau, alpha, norm)
+    args = (o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, float(scale), float(tau), float(alpha), norm, backend)
+    if out is None:
+        return torch.ops.nag_kernels.nag_merge(*args)
+    check_merge_out(out, o_pos)
+    torch.ops.nag_kernels.nag_merge_out(out, *args)
+    return out
