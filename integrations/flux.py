@@ -1,0 +1,416 @@
+"""NAG for ``FluxTransformer2DModel`` (FLUX.1 and everything built on it), "exact" mode (NAG.md section 3).
+
+How one guided forward runs (``B`` image rows, ``2B`` text rows = positive then NAG-negative):
+
+- ``_transformer_pre_hook`` (a ``torch`` forward pre-hook on the transformer) reads the NAG parameters, expands
+  ``timestep``/``guidance`` to ``2B`` and passes a ``NAGForward`` record to the attention processors through
+  ``joint_attention_kwargs["nag"]``. A NAG-off call (``nag_scale = 1`` or past ``nag_end``) drops the negative rows
+  here and runs as a plain forward.
+- ``PositiveRowsHook`` on each double block's ``norm1`` and on ``norm_out`` modulates the ``B``-row image stream with
+  the positive rows of the ``2B``-row ``temb``.
+- ``NAGFluxAttnProcessor`` wraps each stock ``FluxAttnProcessor``. Double blocks: image Q/K/V are computed once at
+  ``B`` rows and shared by both branches, attention runs per branch over ``[text_b ; image]``, the image outputs are
+  NAG-combined before ``to_out`` (back to ``B`` rows), text outputs stay per branch. Single blocks: the image part of
+  the attention output is combined and written into both halves before the MLP concat and ``proj_out``.
+- ``SingleStackHook`` on the first single block tiles the image tokens to ``2B``; on the last one it keeps the positive
+  half.
+
+Plain forwards (no ``"nag"`` record) go straight to the wrapped stock processor, so they are the stock computation.
+Every decision is made on shapes or Python values, except the ``nag_end`` test (one scalar read per call, only when
+``nag_end < 1``), so the patched model runs on meta tensors and under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttention,
+    FluxAttnProcessor,
+    FluxTransformer2DModel,
+)
+
+import nag_kernels
+
+from .config import NAGConfig
+from .registry import register_model
+
+# Hook names in diffusers' HookRegistry, one per role, so ``remove_nag`` removes exactly these.
+NORM_HOOK = "nag_positive_rows"
+SINGLE_HOOK = "nag_single_stack"
+STATE_ATTR = "_nag_state"
+# Keys of ``joint_attention_kwargs`` that NAG reads (and removes before the blocks see them).
+CALL_KEYS = {"nag_scale": "scale", "nag_tau": "tau", "nag_alpha": "alpha", "nag_end": "end"}
+
+PIPELINES = (
+    "FluxPipeline",
+    "FluxImg2ImgPipeline",
+    "FluxInpaintPipeline",
+    "FluxFillPipeline",
+    "FluxControlPipeline",
+    "FluxKontextPipeline",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NAGForward:
+    """What the processors need for one guided forward: ``batch`` B (image rows), ``text_len`` (text tokens)."""
+
+    batch: int
+    text_len: int
+    scale: float
+    tau: float
+    alpha: float
+    norm: str
+    backend: str
+
+
+def _combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag: NAGForward, out: torch.Tensor | None = None):
+    backend = nag.backend
+    if backend == "auto" and z_pos.dtype == torch.float64:
+        backend = "torch"  # the fused kernel is float32/16/bf16; "auto" means the fastest one that runs
+    return nag_kernels.nag(z_pos, z_neg, nag.scale, nag.tau, nag.alpha, norm=nag.norm, out=out, backend=backend)
+
+
+def _qkv(attn: FluxAttention, x: torch.Tensor):
+    if attn.fused_projections:
+        return attn.to_qkv(x).chunk(3, dim=-1)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
+def _added_qkv(attn: FluxAttention, x: torch.Tensor):
+    if attn.fused_projections and hasattr(attn, "to_added_qkv"):
+        return attn.to_added_qkv(x).chunk(3, dim=-1)
+    return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+
+
+def _heads(attn: FluxAttention, q, k, v, norm_q, norm_k):
+    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+    return norm_q(q), norm_k(k), v
+
+
+def can_wrap(processor) -> bool:
+    """Whether NAG can wrap ``processor``: the stock ``FluxAttnProcessor`` computation (class or subclass with the
+    stock ``__call__``). An IP-Adapter or custom processor computes something else, so NAG refuses it."""
+    return isinstance(processor, FluxAttnProcessor) and type(processor).__call__ is FluxAttnProcessor.__call__
+
+
+class NAGFluxAttnProcessor:
+    """``FluxAttnProcessor`` with NAG: plain calls go to the wrapped stock processor, guided calls (a ``nag`` record
+    from the transformer hook) run the exact-mode attention. Same ``__call__`` signature plus ``nag``; the
+    ``_attention_backend``/``_parallel_config`` attributes are those of the wrapped processor, so
+    ``set_attention_backend`` and context-parallel settings reach both paths."""
+
+    def __init__(self, inner: FluxAttnProcessor):
+        self.inner = inner
+
+    @property
+    def _attention_backend(self):
+        return self.inner._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.inner._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self.inner._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.inner._parallel_config = value
+
+    def _attend(self, query, key, value, attention_mask):
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return out.flatten(2, 3).to(query.dtype)
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        nag: NAGForward | None = None,
+    ):
+        if nag is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is not None:
+            return self._double(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, nag)
+        return self._single(attn, hidden_states, attention_mask, image_rotary_emb, nag)
+
+    def _double(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, nag):
+        # hidden_states [B, N, C] (image, once), encoder_hidden_states [2B, T, C] (positive then negative text).
+        batch, text_len = nag.batch, encoder_hidden_states.shape[1]
+        query, key, value = _heads(attn, *_qkv(attn, hidden_states), attn.norm_q, attn.norm_k)
+        txt_q, txt_k, txt_v = _heads(
+            attn, *_added_qkv(attn, encoder_hidden_states), attn.norm_added_q, attn.norm_added_k
+        )
+        # Both branches see the same image Q/K/V: tile to 2B and join each branch's text in front.
+        query = torch.cat([txt_q, torch.cat([query, query])], dim=1)
+        key = torch.cat([txt_k, torch.cat([key, key])], dim=1)
+        value = torch.cat([txt_v, torch.cat([value, value])], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self._attend(query, key, value, attention_mask)  # [2B, T + N, C]
+        image = out[:, text_len:]
+        image = _combine(image[:batch], image[batch:], nag)  # [B, N, C]
+        image = attn.to_out[1](attn.to_out[0](image))
+        text = attn.to_add_out(out[:, :text_len].contiguous())
+        return image, text
+
+    def _single(self, attn, hidden_states, attention_mask, image_rotary_emb, nag):
+        # hidden_states [2B, T + N, C]: text tokens first, image tokens tiled to both halves by SingleStackHook.
+        batch, text_len = nag.batch, nag.text_len
+        query, key, value = _heads(attn, *_qkv(attn, hidden_states), attn.norm_q, attn.norm_k)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self._attend(query, key, value, attention_mask)  # [2B, T + N, C]
+        image = out[:, text_len:]
+        _combine(image[:batch], image[batch:], nag, out=image[:batch])  # in place, positive half
+        image[batch:].copy_(image[:batch])  # the authors write the guided tokens into both halves
+        return out
+
+
+def _bind(signature: inspect.Signature, args, kwargs) -> dict:
+    bound = signature.bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+class PositiveRowsHook(ModelHook):
+    """AdaLN of the image stream: when the conditioning has twice the rows of ``x`` (a guided forward), use the
+    first half (the positive rows). Stock code would fail on that shape, so plain forwards are untouched."""
+
+    def __init__(self, emb_name: str):
+        super().__init__()
+        self.emb_name = emb_name
+
+    def initialize_hook(self, module):
+        self.signature = inspect.signature(module.forward)
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        kw = _bind(self.signature, args, kwargs)
+        x, emb = kw["x"], kw.get(self.emb_name)
+        if emb is not None and emb.shape[0] == 2 * x.shape[0]:
+            kw[self.emb_name] = emb[: x.shape[0]]
+        return (), kw
+
+
+class SingleStackHook(ModelHook):
+    """First single block: tile the ``B`` image rows to ``2B``. Last single block: keep the positive half."""
+
+    def __init__(self, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+
+    def initialize_hook(self, module):
+        self.signature = inspect.signature(module.forward)
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        kw = _bind(self.signature, args, kwargs)
+        nag = (kw.get("joint_attention_kwargs") or {}).get("nag")
+        if nag is None:
+            return self.fn_ref.original_forward(**kw)
+        if self.first and kw["hidden_states"].shape[0] == nag.batch:
+            kw["hidden_states"] = torch.cat([kw["hidden_states"], kw["hidden_states"]])
+        text, image = self.fn_ref.original_forward(**kw)
+        if self.last:
+            image = image[: nag.batch]
+        return text, image
+
+
+@dataclasses.dataclass
+class PipelineRun:
+    """A pipeline call in progress (set by ``pipeline.py``): the NAG-negative embeds to append to the conditional
+    transformer calls, and the unconditional (true CFG) text embeds, whose calls stay plain."""
+
+    config: NAGConfig
+    negative: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class FluxNAGState:
+    config: NAGConfig
+    processors: dict  # attention module name -> the stock processor it had before apply
+    hook_modules: list  # modules we registered diffusers hooks on, with whether we created their registry
+    pre_hook: torch.utils.hooks.RemovableHandle
+    signature: inspect.Signature
+    run: PipelineRun | None = None
+
+
+@torch.compiler.disable
+def _noise_level(timestep: torch.Tensor) -> float | None:
+    """The call's scheduler timestep in [0, 1000] (``timestep`` arrives divided by 1000); None on meta tensors."""
+    if timestep.device.type == "meta":
+        return None
+    return float(timestep.reshape(-1)[0]) * 1000
+
+
+def _is_on(config: NAGConfig, timestep: torch.Tensor | None) -> bool:
+    if config.scale <= 1:
+        return False
+    if config.end >= 1 or timestep is None:
+        return True
+    level = _noise_level(timestep)
+    return level is None or config.active_at(level)  # meta: count NAG as on (cost upper bound)
+
+
+def _rows(name: str, x: torch.Tensor | None, batch: int, expand: bool) -> torch.Tensor | None:
+    """``x`` with ``2 * batch`` rows (``expand``) or ``batch`` rows (NAG off), from ``batch`` or ``2 * batch``."""
+    if x is None or x.dim() == 0:
+        return x
+    if x.shape[0] not in (batch, 2 * batch):
+        raise ValueError(f"{name} must have batch {batch} or {2 * batch} in a NAG call, got {x.shape[0]}")
+    if expand:
+        return x if x.shape[0] == 2 * batch else torch.cat([x, x])
+    return x[:batch]
+
+
+def _transformer_pre_hook(module, args, kwargs):
+    state: FluxNAGState = getattr(module, STATE_ATTR)
+    kw = _bind(state.signature, args, kwargs)
+    jak = dict(kw.get("joint_attention_kwargs") or {})
+    overrides = {CALL_KEYS[key]: jak.pop(key) for key in list(jak) if key in CALL_KEYS}
+    if "joint_attention_kwargs" in kw or overrides:
+        kw["joint_attention_kwargs"] = jak
+
+    hidden = kw["hidden_states"]
+    text, pooled = kw.get("encoder_hidden_states"), kw.get("pooled_projections")
+    batch = hidden.shape[0]
+    run = state.run
+    config = (run.config if run is not None else state.config).replace(**overrides)
+
+    if run is not None and text is not None and text.shape[0] == batch and text is not run.uncond:
+        # Conditional call of a NAG pipeline call: append the NAG-negative rows (unless NAG is off at this step).
+        if not _is_on(config, kw.get("timestep")):
+            return (), kw
+        if run.negative.shape[1:] != text.shape[1:] or run.negative.shape[0] != batch:
+            raise ValueError(
+                f"nag_negative_prompt_embeds {tuple(run.negative.shape)} must match the prompt embeds "
+                f"{tuple(text.shape)} of the transformer call"
+            )
+        text = kw["encoder_hidden_states"] = torch.cat([text, run.negative.to(text.dtype)])
+        pooled = kw["pooled_projections"] = torch.cat([pooled, run.negative_pooled.to(pooled.dtype)])
+
+    if text is None or text.shape[0] == batch:
+        return (), kw  # plain forward
+    if text.shape[0] != 2 * batch:
+        raise ValueError(
+            f"encoder_hidden_states must have the batch of hidden_states ({batch}, plain) or twice it ({2 * batch}: "
+            f"positive rows then NAG-negative rows), got {text.shape[0]}"
+        )
+    if pooled is None or pooled.shape[0] != 2 * batch:
+        got = None if pooled is None else pooled.shape[0]
+        raise ValueError(f"pooled_projections must have batch {2 * batch} like encoder_hidden_states, got {got}")
+
+    on = _is_on(config, kw.get("timestep"))
+    kw["timestep"] = _rows("timestep", kw.get("timestep"), batch, expand=on)
+    kw["guidance"] = _rows("guidance", kw.get("guidance"), batch, expand=on)
+    if not on:
+        kw["encoder_hidden_states"], kw["pooled_projections"] = text[:batch], pooled[:batch]
+        return (), kw
+    jak["nag"] = NAGForward(batch, text.shape[1], config.scale, config.tau, config.alpha, config.norm, config.backend)
+    kw["joint_attention_kwargs"] = jak
+    return (), kw
+
+
+def _attention_modules(model: FluxTransformer2DModel) -> dict[str, FluxAttention]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FluxAttention)}
+
+
+def _register(module: torch.nn.Module, hook: ModelHook, name: str, hook_modules: list) -> None:
+    created = not hasattr(module, "_diffusers_hook")
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    hook_modules.append((module, name, created))
+
+
+class FluxHandler:
+    """Patches a ``FluxTransformer2DModel`` in place (processors + hooks) and undoes it exactly."""
+
+    name = "FluxTransformer2DModel"
+    pipelines = PIPELINES
+
+    def is_applied(self, model) -> bool:
+        return hasattr(model, STATE_ATTR)
+
+    def set_config(self, model, config: NAGConfig) -> None:
+        getattr(model, STATE_ATTR).config = config
+
+    def apply(self, model: FluxTransformer2DModel, config: NAGConfig) -> None:
+        attention = _attention_modules(model)
+        refused = {name: type(m.processor).__name__ for name, m in attention.items() if not can_wrap(m.processor)}
+        if refused:
+            name, cls = next(iter(refused.items()))
+            raise TypeError(
+                f"NAG can only wrap the stock FluxAttnProcessor, but {name} uses {cls} "
+                f"({len(refused)} attention module(s) in all). Remove IP-Adapters/custom processors first "
+                "(e.g. pipe.unload_ip_adapter() or transformer.set_attn_processor(FluxAttnProcessor()))."
+            )
+        processors = {name: m.processor for name, m in attention.items()}
+        hook_modules: list = []
+        try:
+            for m in attention.values():
+                m.set_processor(NAGFluxAttnProcessor(m.processor))
+            for block in model.transformer_blocks:
+                _register(block.norm1, PositiveRowsHook("emb"), NORM_HOOK, hook_modules)
+            _register(model.norm_out, PositiveRowsHook("conditioning_embedding"), NORM_HOOK, hook_modules)
+            singles = list(model.single_transformer_blocks)
+            for index, block in enumerate(singles):
+                if index in (0, len(singles) - 1):
+                    hook = SingleStackHook(first=index == 0, last=index == len(singles) - 1)
+                    _register(block, hook, SINGLE_HOOK, hook_modules)
+        except BaseException:
+            self._restore(model, processors, hook_modules)
+            raise
+        # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
+        # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
+        handle = model.register_forward_pre_hook(_transformer_pre_hook, with_kwargs=True, prepend=True)
+        signature = inspect.signature(type(model).forward)
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # drop self
+        setattr(model, STATE_ATTR, FluxNAGState(config, processors, hook_modules, handle, signature))
+
+    def remove(self, model: FluxTransformer2DModel) -> None:
+        state: FluxNAGState = getattr(model, STATE_ATTR)
+        state.pre_hook.remove()
+        self._restore(model, state.processors, state.hook_modules)
+        delattr(model, STATE_ATTR)
+
+    @staticmethod
+    def _restore(model, processors: dict, hook_modules: list) -> None:
+        for name, m in _attention_modules(model).items():
+            # Only our own processor goes back; a processor set by the user after apply_nag stays.
+            if isinstance(m.processor, NAGFluxAttnProcessor) and name in processors:
+                m.set_processor(processors[name])
+        for module, name, created in reversed(hook_modules):
+            registry = module._diffusers_hook
+            registry.remove_hook(name, recurse=False)
+            if created and not registry.hooks:
+                del module._diffusers_hook
+                if module.__dict__.get("forward") is not None:
+                    # HookRegistry leaves the bound method as an instance attribute; drop it so the module is as new.
+                    bound = module.__dict__["forward"]
+                    if getattr(bound, "__func__", None) is type(module).forward:
+                        del module.__dict__["forward"]
+        if hasattr(model, "_diffusers_hook"):
+            model._diffusers_hook.invalidate_child_registries_cache()
+
+
+register_model(FluxTransformer2DModel, FluxHandler())
