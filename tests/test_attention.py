@@ -171,3 +171,17 @@ def test_errors(call, exc, match):
     q, k, v = rand(1, 4, 2, 8), rand(1, 5, 2, 8), rand(1, 5, 2, 8)
     with pytest.raises(exc, match=match):
         call(q, k, v)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("meta", torch.bfloat16)])
+def test_traces_under_torch_compile_fullgraph(device, dtype):
+    """Backend choice and op calls trace without graph breaks (meta: the flash path's ops)."""
+    q = rand(1, 5, 2, 64, seed=24).to(device=device, dtype=dtype)
+    k = rand(1, 7, 2, 64, seed=25).to(device=device, dtype=dtype)
+    compiled = torch.compile(lambda q, k: attention_with_lse(q, k, k), fullgraph=True, backend="eager")
+    out, lse = compiled(q, k)
+    assert out.shape == (1, 5, 2, 64) and lse.shape == (1, 5, 2)
+    if device == "cpu":
+        ref_out, ref_lse = attention_f64(q, k, k)
+        torch.testing.assert_close(out.double(), ref_out, **TOL[torch.float32])
+        torch.testing.assert_close(lse.double(), ref_lse, **TOL[torch.float32])
