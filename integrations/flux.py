@@ -186,9 +186,15 @@ class NAGFluxAttnProcessor:
         return out
 
 
-def _bind(signature: inspect.Signature, args, kwargs) -> dict:
-    bound = signature.bind_partial(*args, **kwargs)
-    return dict(bound.arguments)
+def _parameter_names(fn) -> tuple[str, ...]:
+    return tuple(name for name in inspect.signature(fn).parameters if name != "self")
+
+
+def _as_kwargs(names: tuple[str, ...], args, kwargs) -> dict:
+    """Positional arguments by name (a plain zip: ``inspect.Signature.bind`` does not trace under torch.compile)."""
+    kw = dict(zip(names, args))
+    kw.update(kwargs)
+    return kw
 
 
 class PositiveRowsHook(ModelHook):
@@ -200,11 +206,11 @@ class PositiveRowsHook(ModelHook):
         self.emb_name = emb_name
 
     def initialize_hook(self, module):
-        self.signature = inspect.signature(module.forward)
+        self.names = _parameter_names(module.forward)
         return module
 
     def pre_forward(self, module, *args, **kwargs):
-        kw = _bind(self.signature, args, kwargs)
+        kw = _as_kwargs(self.names, args, kwargs)
         x, emb = kw["x"], kw.get(self.emb_name)
         if emb is not None and emb.shape[0] == 2 * x.shape[0]:
             kw[self.emb_name] = emb[: x.shape[0]]
@@ -219,11 +225,11 @@ class SingleStackHook(ModelHook):
         self.first, self.last = first, last
 
     def initialize_hook(self, module):
-        self.signature = inspect.signature(module.forward)
+        self.names = _parameter_names(module.forward)
         return module
 
     def new_forward(self, module, *args, **kwargs):
-        kw = _bind(self.signature, args, kwargs)
+        kw = _as_kwargs(self.names, args, kwargs)
         nag = (kw.get("joint_attention_kwargs") or {}).get("nag")
         if nag is None:
             return self.fn_ref.original_forward(**kw)
@@ -252,7 +258,7 @@ class FluxNAGState:
     processors: dict  # attention module name -> the stock processor it had before apply
     hook_modules: list  # modules we registered diffusers hooks on, with whether we created their registry
     pre_hook: torch.utils.hooks.RemovableHandle
-    signature: inspect.Signature
+    names: tuple[str, ...]  # the transformer's forward parameters, in order
     run: PipelineRun | None = None
 
 
@@ -286,7 +292,7 @@ def _rows(name: str, x: torch.Tensor | None, batch: int, expand: bool) -> torch.
 
 def _transformer_pre_hook(module, args, kwargs):
     state: FluxNAGState = getattr(module, STATE_ATTR)
-    kw = _bind(state.signature, args, kwargs)
+    kw = _as_kwargs(state.names, args, kwargs)
     jak = dict(kw.get("joint_attention_kwargs") or {})
     overrides = {CALL_KEYS[key]: jak.pop(key) for key in list(jak) if key in CALL_KEYS}
     if "joint_attention_kwargs" in kw or overrides:
@@ -383,9 +389,8 @@ class FluxHandler:
         # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
         # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
         handle = model.register_forward_pre_hook(_transformer_pre_hook, with_kwargs=True, prepend=True)
-        signature = inspect.signature(type(model).forward)
-        signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # drop self
-        setattr(model, STATE_ATTR, FluxNAGState(config, processors, hook_modules, handle, signature))
+        names = _parameter_names(type(model).forward)
+        setattr(model, STATE_ATTR, FluxNAGState(config, processors, hook_modules, handle, names))
 
     def remove(self, model: FluxTransformer2DModel) -> None:
         state: FluxNAGState = getattr(model, STATE_ATTR)

@@ -6,6 +6,7 @@ Everything is deterministic (fixed seeds) and small: 2 double + 2 single blocks,
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -147,3 +148,12 @@ def latents(batch: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> to
     g = torch.Generator().manual_seed(seed)
     tokens = (SIZE // 4) ** 2
     return torch.randn(batch, tokens, 4 * LATENT_CHANNELS, generator=g, dtype=dtype)
+
+
+@pytest.fixture(autouse=False)
+def single_thread():
+    """Tiny float64 ops run faster on one thread than two (and other suites may share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
