@@ -1,0 +1,124 @@
+"""Model configurations the benchmarks take their shapes from, with where each number comes from.
+
+A NAG combine input is ``[batch, tokens, channels]``: the attention output of the image (or video) tokens, heads
+merged (``channels = heads * head_dim``). Tokens follow from the resolution: latent = pixels / VAE factor, then
+patchified. Nothing here is downloaded; the numbers are read off the models' published configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    batch: int
+    tokens: int
+    channels: int
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.tokens, self.channels)
+
+
+def flux_image_tokens(height: int, width: int | None = None) -> int:
+    """FLUX.1: VAE downsamples by 8, then 2x2 patches are packed into one token -> (H/16) * (W/16)."""
+    width = height if width is None else width
+    return (height // 16) * (width // 16)
+
+
+# FLUX.1-dev / -schnell transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json):
+# num_attention_heads 24 x attention_head_dim 128 = 3072; 19 double-stream + 38 single-stream blocks;
+# joint_attention_dim 4096 (T5-XXL), pooled_projection_dim 768 (CLIP-L); T5 max_sequence_length 512 (dev).
+FLUX1 = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX1_TEXT_TOKENS = 512
+FLUX_CHANNELS = FLUX1["num_attention_heads"] * FLUX1["attention_head_dim"]
+
+# A Flux-shaped toy for CPU runs and CI: same block structure, 2 + 4 blocks, 4 heads x 32 (rope axes sum to 32).
+FLUX_TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+)
+FLUX_TINY_TEXT_TOKENS = 32
+
+# Wan 2.1 T2V-14B (Wan-AI/Wan2.1-T2V-14B, config.json): dim 5120 (40 heads x 128). 480p = 832x480, 81 frames:
+# the VAE compresses time 4x ((81 - 1) / 4 + 1 = 21 latent frames) and space 8x, patch (1, 2, 2):
+# 21 * (480 / 16) * (832 / 16) = 21 * 30 * 52 = 32760 tokens. Cross-attention: NAG acts on attn2's output.
+WAN14B_480P_TOKENS = 21 * (480 // 16) * (832 // 16)
+WAN14B_CHANNELS = 40 * 128
+
+# SD3.5 Large (stabilityai/stable-diffusion-3.5-large, transformer/config.json): 38 heads x 64 = 2432; 1024^2:
+# 128x128 latent, patch 2 -> 4096 image tokens. Batch 2 = the CFG batch (uncond + cond) of the stock pipeline.
+SD35L_CHANNELS = 38 * 64
+SD35L_1024_TOKENS = (1024 // 8 // 2) ** 2
+
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): block_out_channels [320, 640, 1280]; the first
+# attention level (640 channels, 10 heads x 64) sees the 128x128 latent downsampled once: 64 x 64 = 4096 tokens.
+# Batch 2 = the CFG batch.
+SDXL_CHANNELS = 640
+SDXL_1024_LEVEL1_TOKENS = (1024 // 8 // 2) ** 2
+
+
+def _flux(res: int, batch: int) -> ModelShape:
+    return ModelShape(
+        f"flux-{res}-b{batch}",
+        batch,
+        flux_image_tokens(res),
+        FLUX_CHANNELS,
+        f"FLUX.1 {res}x{res}: ({res}/16)^2 image tokens, 24 heads x 128, batch {batch}",
+    )
+
+
+KERNEL_SHAPES: dict[str, ModelShape] = {
+    s.name: s
+    for s in [
+        _flux(1024, 1),
+        _flux(1024, 2),
+        _flux(1024, 4),
+        _flux(2048, 1),
+        _flux(2048, 2),
+        _flux(2048, 4),
+        ModelShape(
+            "wan14b-480p", 1, WAN14B_480P_TOKENS, WAN14B_CHANNELS, "Wan2.1-14B 832x480x81: 21x30x52 tokens, 40x128"
+        ),
+        ModelShape("sd35l-1024", 2, SD35L_1024_TOKENS, SD35L_CHANNELS, "SD3.5-Large 1024^2: 4096 tokens, 38x64, CFG batch"),
+        ModelShape("sdxl-1024", 2, SDXL_1024_LEVEL1_TOKENS, SDXL_CHANNELS, "SDXL 1024^2 first attention level, CFG batch"),
+    ]
+}
+
+# Small shapes that keep a CPU run (and CI) to seconds. flux-1024-b1 stays: issue 2's CPU comparison is at that shape.
+QUICK_KERNEL_SHAPES = ["flux-1024-b1", "sdxl-1024"]
+
+# Tiny shapes for the pytest checks of the harness (Triton runs interpreted there).
+TEST_KERNEL_SHAPES: dict[str, ModelShape] = {
+    "tiny-odd": ModelShape("tiny-odd", 2, 37, 200, "odd toy shape for tests"),
+}
+
+
+def kernel_shape(name: str) -> ModelShape:
+    try:
+        return KERNEL_SHAPES.get(name) or TEST_KERNEL_SHAPES[name]
+    except KeyError:
+        known = ", ".join([*KERNEL_SHAPES, *TEST_KERNEL_SHAPES])
+        raise SystemExit(f"unknown shape {name!r}; known: {known}") from None

@@ -1,0 +1,137 @@
+"""``flops`` suite: the machine-independent cost model, FLOPs per Flux transformer step counted exactly.
+
+The FLUX.1 transformer is built on the meta device (no memory, no weights) and each variant's forward runs under
+``torch.utils.flop_counter.FlopCounterMode``, which counts every matmul and attention op from its shapes. Runs
+anywhere in seconds at full size. Elementwise work (norms, the NAG combine itself) is not counted: it is memory-bound
+and its FLOPs are negligible next to the matmuls. Ops that look like matmul/attention but have no FLOP formula (a
+custom attention kernel, say) are listed under ``uncounted_ops`` so an undercount cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import harness as h
+from .configs import flux_image_tokens
+from .flux import make_inputs, model_config, nag_applied, split_rows
+
+VARIANTS = ("no_nag", "cfg", "nag_exact", "nag_fast")
+_SUSPECT = ("mm", "matmul", "attention", "attn", "conv", "linear", "einsum")
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn) -> dict:
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, _OpRecorder() as rec:
+        fn()
+    registry = getattr(fc, "flop_registry", {})
+    packets = {getattr(k, "_overloadpacket", k) for k in registry}
+    seen = [op for op in rec.ops if getattr(op, "_overloadpacket", op) not in packets]
+    # This package's own ops are the NAG combine / LSE merge: elementwise and memory-bound, rightly not counted.
+    own = sorted(str(op) for op in seen if op.namespace == "nag_kernels" and op.name().split("::")[-1].startswith("nag"))
+    uncounted = sorted(
+        str(op) for op in seen
+        if str(op) not in own
+        and (op.namespace not in ("aten", "prims") or any(s in op.name() for s in _SUSPECT))
+    )
+    by_op = {str(k): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
+    return {"flops": fc.get_total_flops(), "by_op": by_op, "uncounted_ops": uncounted, "elementwise_nag_ops": own}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # --resolutions, --batch and --quick (the toy config) are shared with the flux suite.
+    pass
+
+
+def run(args, device: torch.device) -> h.Results:
+    from .flux import build_transformer
+
+    meta = torch.device("meta")
+    quick = bool(args.quick)  # full size by default, also on a CPU: nothing is computed
+    name, config, text_tokens = model_config(quick)
+    resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else ([256, 512] if quick else [1024, 2048])
+    env = h.environment(meta)
+    env["counted_on"] = h.device_name(torch.device("cpu"))
+    results = h.Results("flops", env, args.out)
+    results.extra.update(config_name=name, config=config, batch=args.batch, text_tokens=text_tokens)
+    h.log(f"flops suite: {name} on the meta device, resolutions {resolutions}, batch {args.batch}")
+    transformer = build_transformer(config, meta, torch.bfloat16)
+    for res in resolutions:
+        inputs = make_inputs(config, res, text_tokens, args.batch, 2 * args.batch, torch.bfloat16, meta)
+        pos, neg = split_rows(inputs, slice(0, args.batch)), split_rows(inputs, slice(args.batch, 2 * args.batch))
+        base = dict(config=name, resolution=res, image_tokens=flux_image_tokens(res), text_tokens=text_tokens,
+                    batch=args.batch)
+        for v in VARIANTS:
+            t0 = time.perf_counter()
+
+            def measure():
+                if v == "no_nag":
+                    return count(lambda: transformer(**pos))
+                if v == "cfg":
+                    return count(lambda: (transformer(**pos), transformer(**neg)))
+                with nag_applied(transformer, "nag_exact_torch" if v == "nag_exact" else v, meta):
+                    return count(lambda: transformer(**inputs))
+
+            res_, err = h.guarded(measure, meta)
+            row = {**base, "variant": v, "case": f"{name} {res} {v}", **(err or res_)}
+            if res_:
+                row["tflop"] = res_["flops"] / 1e12
+                row["count_s"] = round(time.perf_counter() - t0, 1)
+            results.add(row)
+            h.log("  " + progress_line(row))
+    add_ratios(results.rows)
+    results.write_json()
+    text = markdown(results.rows)
+    md = results.write_markdown(text)
+    results.summary = []
+    results.markdown_path = md
+    h.log(f"wrote {results.json_path}, {md}")
+    return results
+
+
+def add_ratios(rows: list[dict]) -> None:
+    for r in rows:
+        ref = next((x for x in rows if x["resolution"] == r["resolution"] and x["variant"] == "no_nag"
+                    and x["status"] == "ok"), None)
+        if r["status"] == "ok" and ref:
+            r["ratio_vs_no_nag"] = r["flops"] / ref["flops"]
+
+
+def progress_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['resolution']}^2 {r['variant']:<10} {r['status']}: {r.get('reason') or r.get('error')}"
+    extra = f"  UNCOUNTED: {', '.join(r['uncounted_ops'])}" if r["uncounted_ops"] else ""
+    return f"{r['resolution']}^2 {r['variant']:<10} {fmt_tflop(r['tflop'])} TFLOP ({r['count_s']}s){extra}"
+
+
+def markdown(rows: list[dict]) -> str:
+    header = ["config", "resolution (tokens)", "variant", "TFLOP / step", "vs no NAG", "note"]
+    body = []
+    for r in rows:
+        where = [r["config"], f"{r['resolution']}^2 ({r['image_tokens']}+{r['text_tokens']})", f"`{r['variant']}`"]
+        if r["status"] != "ok":
+            body.append(where + ["", "", f"{r['status']}: {r.get('reason') or r.get('error')}"])
+            continue
+        ratio = r.get("ratio_vs_no_nag")
+        note = ("uncounted ops: " + ", ".join(r["uncounted_ops"])) if r["uncounted_ops"] else ""
+        body.append(where + [fmt_tflop(r["tflop"]), "" if ratio is None else f"{ratio:.3f}x", note])
+    return h.markdown_table(header, body) + (
+        "\nCounted with `torch.utils.flop_counter.FlopCounterMode` on the meta device (matmuls and attention; "
+        "elementwise ops are not counted). `cfg` = two plain passes. Batch 1 unless the header says otherwise.\n")
+
+
+def fmt_tflop(t: float) -> str:
+    return f"{t:.1f}" if t >= 1 else f"{t:.3g}"
