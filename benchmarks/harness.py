@@ -103,7 +103,11 @@ def environment(device: torch.device) -> dict[str, Any]:
             driver_capability=f"{props.major}.{props.minor}",
         )
     else:
-        env.update(cpu=cpu_name(), threads=torch.get_num_threads())
+        env.update(cpu=cpu_name(), threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+        try:  # CPU timings depend on what else runs: keep the load next to them
+            env["load_average_1m"] = round(os.getloadavg()[0], 2)
+        except OSError:
+            pass
     return env
 
 

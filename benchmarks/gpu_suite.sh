@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Everything the GPU measures for the README and issues 2, 3 and 5, in one call: under 6 minutes on an H100,
+# compile warm-ups included. Run from the repo root, offline, with torch, triton and diffusers importable:
+#
+#   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --target $S .whl/*.whl
+#   export PYTHONPATH=$S:$PWD
+#   benchmarks/gpu_suite.sh --out DIR          # or: OUT=DIR benchmarks/gpu_suite.sh
+#
+# Phases (each in its own process under a hard time limit, so an OOM, a compile error or a hang in one is reported
+# and the next still runs; every phase writes its JSON row by row, so a phase stopped early keeps what it measured):
+#   1. kernel (limit 120 s): the NAG combine, preset gpu-suite: all 9 model shapes in bf16/L1 plus fp16/fp32 and L2
+#      at the Flux shapes; 6 providers each (15 torch.compile warm-ups); issue 2's pass/fail targets.
+#   2. flux (limit 205 s): FLUX.1-size transformer (about 12B random bf16 parameters, built on the GPU) at 1024^2 and
+#      2048^2, eager: no NAG, true CFG, NAG exact (torch combine), NAG exact (Triton kernel), NAG fast (issue 5,
+#      skipped while not implemented); then 1024^2 torch.compile'd (regional compilation of the repeated blocks).
+#      2048^2 is not compiled here: each compile costs tens of seconds and the eager 2048^2 run answers issue 5.
+#   The flops suite is machine-independent (meta device) and is not rerun here.
+# Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/gpu_suite.log (7 files); tables printed last.
+# GPU_SUITE_SMOKE=1 runs the same phases on tiny shapes on whatever device is here (a check of this script on a CPU;
+# its figures mean nothing).
+set -u
+
+OUT_DIR="${OUT:-}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT_DIR="$2"; shift 2 ;;
+    --out=*) OUT_DIR="${1#--out=}"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown argument $1 (use --out DIR)"; exit 2 ;;
+  esac
+done
+[ -n "$OUT_DIR" ] || OUT_DIR="benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)"
+mkdir -p "$OUT_DIR" || exit 2
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+
+PY="${PYTHON:-python3}"
+case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" ;; esac
+export PYTHONUNBUFFERED=1
+# The copied tree may have no .git: record the commit the lead passes (NAG_BENCH_COMMIT) if git cannot say.
+LOG="$OUT_DIR/gpu_suite.log"
+exec > >(tee -a "$LOG") 2>&1
+
+T0=$SECONDS
+echo "== gpu_suite.sh: $(date -u +%FT%TZ), out $OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+SMOKE="${GPU_SUITE_SMOKE:-0}"
+KERNEL_SMOKE=(); FLUX_SMOKE=()
+if [ "$SMOKE" = 1 ]; then
+  echo "== GPU_SUITE_SMOKE=1: tiny shapes, figures meaningless"
+  KERNEL_SMOKE=(--shapes tiny-odd --quick); FLUX_SMOKE=(--quick --resolutions 32,64 --compile-resolutions none --reps 1)
+fi
+GPU_SUITE_SMOKE="$SMOKE" "$PY" - <<'PY' || { echo "== preflight failed: torch/triton/CUDA not usable; nothing measured"; exit 1; }
+import importlib, torch
+print("python", __import__("sys").version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda)
+import os
+if os.environ.get("GPU_SUITE_SMOKE") != "1":
+    assert torch.cuda.is_available(), "no CUDA device"
+    print("device", torch.cuda.get_device_name(), "| GiB", round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+for m in ("triton", "diffusers", "nag_kernels"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"), "from", getattr(mod, "__file__", "?"))
+    except Exception as e:
+        print(m, "NOT importable:", type(e).__name__, e)
+try:
+    from benchmarks.harness import import_integrations
+    import_integrations()
+    print("nag_kernels.integrations: importable")
+except Exception as e:
+    print("nag_kernels.integrations NOT importable (the flux NAG variants will be skipped):", type(e).__name__, e)
+PY
+
+phase() {  # phase NAME LIMIT_S ARGS...
+  local name="$1" limit="$2"; shift 2
+  local start=$SECONDS
+  echo
+  echo "== phase $name (limit ${limit}s, suite elapsed $((SECONDS - T0))s): python -m benchmarks $*"
+  timeout --signal=TERM --kill-after=15 "$limit" "$PY" -m benchmarks "$@" --out "$OUT_DIR"
+  local rc=$?
+  case $rc in
+    0) echo "== phase $name done in $((SECONDS - start))s" ;;
+    124|137) echo "== phase $name STOPPED at its ${limit}s limit after $((SECONDS - start))s: its JSON holds the rows it finished" ;;
+    *) echo "== phase $name FAILED (exit $rc) after $((SECONDS - start))s: see the traceback above" ;;
+  esac
+}
+
+phase kernel 120 kernel --preset gpu-suite --budget-s 90 "${KERNEL_SMOKE[@]}"
+phase flux 205 flux --resolutions 1024,2048 --compile-resolutions 1024 --budget-s 160 "${FLUX_SMOKE[@]}"
+
+echo
+echo "== all phases done in $((SECONDS - T0))s; tables follow (also in $OUT_DIR/*.md)"
+shopt -s nullglob
+files=("$OUT_DIR"/kernel-*.json "$OUT_DIR"/flux-*.json)
+if [ ${#files[@]} -gt 0 ]; then
+  "$PY" -m benchmarks.report "${files[@]}" || echo "== report failed"
+else
+  echo "== no result files were written"
+fi
+"$PY" - "${files[@]}" <<'PY'
+# Issue 2's pass/fail lines last, so the end of the output holds them (recomputed from the rows: a kernel phase
+# stopped at its limit never wrote its own).
+import json, sys, torch
+from benchmarks import kernel
+for path in sys.argv[1:]:
+    doc = json.load(open(path))
+    if doc["suite"] == "kernel":
+        dev = torch.device(doc["environment"]["device_type"])
+        print("\n".join(kernel.target_lines(kernel.evaluate_targets(doc["rows"], dev))))
+PY
+echo "== gpu_suite.sh finished in $((SECONDS - T0))s"
