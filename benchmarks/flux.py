@@ -55,8 +55,8 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, se
         for name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)  # unit-variance outputs for unit-variance inputs
-            elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or ".norm" in name:
-                p.fill_(1.0)  # RMSNorm / LayerNorm scales
+            elif name.endswith("weight"):
+                p.fill_(1.0)  # the only 1-D weights in Flux are norm scales (RMSNorm of q/k)
             else:
                 p.zero_()  # biases
         for name, b in model.named_buffers():  # FLUX.1 has none today; a future one must not stay uninitialised
@@ -186,6 +186,11 @@ def run_variant(results, transformer, variant, mode, res, base, inputs, batch, d
             first = time.perf_counter() - t0
             out_main = out[0] if isinstance(out, tuple) else out
             info = {"output_shape": list(out_main.shape), "output_finite": bool(torch.isfinite(out_main).all())}
+            if mode == "compiled":  # a recompile per block or a graph break shows up here, not as an error
+                from torch._dynamo.utils import counters
+
+                info["dynamo_unique_graphs"] = counters["stats"].get("unique_graphs")
+                info["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
             del out, out_main
             peak = h.peak_extra_bytes(fn, device)
             peak_abs = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -212,6 +217,7 @@ def progress_line(r: dict) -> str:
         return f"{head} {r['status']}: {r.get('reason') or r.get('error')}"
     return (f"{head} {h.fmt_ms(r['median_ms'])} ms/step [{h.fmt_ms(r['q20_ms'])}-{h.fmt_ms(r['q80_ms'])}]  "
             f"peak +{h.fmt_bytes(r['peak_extra_bytes'])}  first call {r['first_call_s']}s"
+            + (f"  graphs {r['dynamo_unique_graphs']}, breaks {r['dynamo_graph_breaks']}" if r["mode"] == "compiled" else "")
             + ("" if r["output_finite"] else "  (non-finite output)"))
 
 

@@ -39,6 +39,12 @@ export PYTHONUNBUFFERED=1
 # The copied tree may have no .git: record the commit the lead passes (NAG_BENCH_COMMIT) if git cannot say.
 LOG="$OUT_DIR/gpu_suite.log"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+finish() {  # let tee write its last lines before the script returns
+  exec 1>&- 2>&-
+  wait "$TEE_PID" 2>/dev/null || true
+}
+trap finish EXIT
 
 T0=$SECONDS
 echo "== gpu_suite.sh: $(date -u +%FT%TZ), out $OUT_DIR"

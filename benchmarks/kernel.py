@@ -192,7 +192,15 @@ def progress_line(r: dict) -> str:
     share = f"{100 * r['copy_share']:.0f}% of copy" if r.get("copy_share") else ""
     return (f"{r['provider']:<15} {h.fmt_ms(r['median_ms'])} ms [{h.fmt_ms(r['q20_ms'])}-{h.fmt_ms(r['q80_ms'])}] "
             f"{fmt_gbps(r['gbps'])} GB/s {share}  peak +{h.fmt_bytes(r['peak_extra_bytes'])}  "
-            f"first call {r['first_call_s']}s  err {r['max_rel_err']:.1e}")
+            f"first call {r['first_call_s']}s  err {fmt_err(r['max_rel_err'])}")
+
+
+def fmt_err(v) -> str:
+    """Relative error vs nag_reference; inf (JSON "inf") = non-finite output where the reference is finite."""
+    if v is None:
+        return ""
+    v = float(v)
+    return "non-finite" if math.isinf(v) else f"{v:.1e}"
 
 
 def fmt_gbps(v: float) -> str:
@@ -239,7 +247,7 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
             f"{h.fmt_ms(r['median_ms'])} [{h.fmt_ms(r['q20_ms'])}-{h.fmt_ms(r['q80_ms'])}]",
             fmt_gbps(r["gbps"]), "" if r.get("copy_share") is None else f"{100 * r['copy_share']:.0f}%",
             x(r.get("x_torch")), x(r.get("x_authors")), x(r.get("x_torch_compile")),
-            h.fmt_bytes(r.get("peak_extra_bytes")), f"{r['max_rel_err']:.1e}" if r.get("max_rel_err") is not None else "",
+            h.fmt_bytes(r.get("peak_extra_bytes")), fmt_err(r.get("max_rel_err")),
         ])
     text = h.markdown_table(header, body)
     text += ("\nGB/s counts reading both inputs and writing the output once; '% of copy' divides it by a "
@@ -256,7 +264,7 @@ def plot(rows: list[dict], path) -> bool:
     if plt is None or not ok:
         return False
     groups = sorted({(r["dtype"], r["norm"]) for r in ok}, key=lambda g: (g[0] != "bf16", g))[:4]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.2 * len(groups)), squeeze=False)
     for ax, (dt, nm) in zip(axes[:, 0], groups):
         sel = [r for r in ok if (r["dtype"], r["norm"]) == (dt, nm)]
         shapes = list(dict.fromkeys(r["shape_name"] for r in sel))
@@ -266,11 +274,14 @@ def plot(rows: list[dict], path) -> bool:
             vals = [next((r["gbps"] for r in sel if r["shape_name"] == s and r["provider"] == p), 0) for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
         copies = [next((r["copy_gbps"] for r in sel if r["shape_name"] == s and r.get("copy_gbps")), 0) for s in shapes]
-        ax.scatter([j + 0.4 - width / 2 for j in range(len(shapes))], copies, marker="_", s=900, c="k", label="copy")
+        # The copy of the same bytes, the memory-bound limit: a dashed line across each shape's group of bars.
+        ax.hlines(copies, [j - width / 2 for j in range(len(shapes))], [j + 0.8 - width / 2 for j in range(len(shapes))],
+                  colors="k", linestyles="dashed", label="copy (same bytes)")
+        ax.set_ylim(0, 1.25 * max([*copies, *(r["gbps"] for r in sel)]))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=8)
-        ax.set_ylabel("GB/s")
+        ax.set_ylabel("GB/s (read 2 inputs + write 1)")
         ax.set_title(f"NAG combine, {dt}, {nm} on {ok[0]['device']}", fontsize=9)
-        ax.legend(fontsize=7, ncol=4)
+        ax.legend(fontsize=7, ncol=4, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
