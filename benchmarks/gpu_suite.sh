@@ -8,14 +8,20 @@
 #
 # Phases (each in its own process under a hard time limit, so an OOM, a compile error or a hang in one is reported
 # and the next still runs; every phase writes its JSON row by row, so a phase stopped early keeps what it measured):
+#   0. tests (limit 100 s): the GPU-only correctness tests, compiled kernels (tests/test_*_cuda.py, TRITON_INTERPRET=0).
 #   1. kernel (limit 120 s): the NAG combine, preset gpu-suite: all 9 model shapes in bf16/L1 plus fp16/fp32 and L2
 #      at the Flux shapes; 6 providers each (15 torch.compile warm-ups); issue 2's pass/fail targets.
 #   2. flux (limit 205 s): FLUX.1-size transformer (about 12B random bf16 parameters, built on the GPU) at 1024^2 and
 #      2048^2, eager: no NAG, true CFG, NAG exact (torch combine), NAG exact (Triton kernel), NAG fast (issue 5,
 #      skipped while not implemented); then 1024^2 torch.compile'd (regional compilation of the repeated blocks).
 #      2048^2 is not compiled here: each compile costs tens of seconds and the eager 2048^2 run answers issue 5.
+#   3. sweep (limit 60 s): every launch setting of the combine kernel at the model shapes, heuristic vs best
+#      (benchmarks/sweep_combine.py; writes sweep_combine.json).
 #   The flops suite is machine-independent (meta device) and is not rerun here.
-# Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/gpu_suite.log (7 files); tables printed last.
+# GPU_SUITE_PHASES=tests,kernel,flux,sweep (the default) picks phases; GPU_SUITE_FLUX_ARGS replaces the flux phase's
+# arguments (e.g. "--resolutions 1024,2048 --compile-resolutions none --variants no_nag,nag_exact_triton").
+# Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/sweep_combine.json, DIR/gpu_suite.log
+# (8 files); tables printed last.
 # GPU_SUITE_SMOKE=1 runs the same phases on tiny shapes on whatever device is here (a check of this script on a CPU;
 # its figures mean nothing).
 set -u
@@ -25,7 +31,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (use --out DIR)"; exit 2 ;;
   esac
 done
@@ -90,8 +96,31 @@ phase() {  # phase NAME LIMIT_S ARGS...
   esac
 }
 
-phase kernel 120 kernel --preset gpu-suite --budget-s 90 "${KERNEL_SMOKE[@]}"
-phase flux 205 flux --resolutions 1024,2048 --compile-resolutions 1024 --budget-s 160 "${FLUX_SMOKE[@]}"
+PHASES=",${GPU_SUITE_PHASES:-tests,kernel,flux,sweep},"
+wants() { case "$PHASES" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+if wants tests; then
+  echo
+  echo "== phase tests (limit 100s, suite elapsed $((SECONDS - T0))s): GPU-only correctness tests"
+  TRITON_INTERPRET=0 timeout --signal=TERM --kill-after=15 100 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_nag_cuda.py tests/test_merge_cuda.py 2>&1 | tail -n 40
+  echo "== phase tests: exit ${PIPESTATUS[0]}"
+fi
+wants kernel && phase kernel 120 kernel --preset gpu-suite --budget-s 90 "${KERNEL_SMOKE[@]}"
+if wants flux; then
+  if [ -n "${GPU_SUITE_FLUX_ARGS:-}" ]; then
+    read -r -a FLUX_ARGS <<< "$GPU_SUITE_FLUX_ARGS"
+  else
+    FLUX_ARGS=(--resolutions 1024,2048 --compile-resolutions 1024)
+  fi
+  phase flux 205 flux "${FLUX_ARGS[@]}" --budget-s 160 "${FLUX_SMOKE[@]}"
+fi
+if wants sweep && [ "$SMOKE" != 1 ]; then
+  echo
+  echo "== phase sweep (limit 60s, suite elapsed $((SECONDS - T0))s): launch settings of the combine kernel"
+  OUT="$OUT_DIR" timeout --signal=TERM --kill-after=10 60 "$PY" -m benchmarks.sweep_combine
+  echo "== phase sweep: exit $?"
+fi
 
 echo
 echo "== all phases done in $((SECONDS - T0))s; tables follow (also in $OUT_DIR/*.md)"
