@@ -90,6 +90,7 @@ def _call(pipe, base: type, args, kwargs, nag: dict):
     if not nag:
         return base.__call__(pipe, *args, **kwargs)
     transformer = getattr(pipe, "transformer", None)
+    transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile(transformer) after apply_nag
     handler = handler_for(transformer)
     if not handler.is_applied(transformer):
         raise RuntimeError(

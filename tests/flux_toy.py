@@ -118,7 +118,7 @@ def transformer(
 
 # transformer in/out channels per pipeline (packed latents are 4 * LATENT_CHANNELS wide)
 _CHANNELS = {
-    "FluxFillPipeline": (4 * LATENT_CHANNELS * 2 + 4 * 8 * 8, 4 * LATENT_CHANNELS),
+    "FluxFillPipeline": (4 * LATENT_CHANNELS * 3, 4 * LATENT_CHANNELS),  # latents, masked image, 2x2 mask
     "FluxControlPipeline": (4 * LATENT_CHANNELS * 2, 4 * LATENT_CHANNELS),
 }
 
