@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_backend, check_float_tensor, check_last_dim_contiguous, check_like, check_params
-from .ops import resolve_backend
+from .ops import direct_call_ok, resolve_backend
 from .torch_backend import nag_torch
 
 O_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -226,8 +226,11 @@ def nag_merge(
     check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
     check_params(scale, tau, alpha, norm)
     args = (o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, float(scale), float(tau), float(alpha), norm, backend)
+    if out is not None:
+        check_merge_out(out, o_pos)
+    if direct_call_ok(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, out):  # eager: skip the dispatcher
+        return _run(*args[:-1], _validate(*args), out=out)
     if out is None:
         return torch.ops.nag_kernels.nag_merge(*args)
-    check_merge_out(out, o_pos)
     torch.ops.nag_kernels.nag_merge_out(out, *args)
     return out

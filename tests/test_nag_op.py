@@ -115,3 +115,28 @@ def test_property_matches_reference(case):
     out = nag(z_pos, z_neg, scale, tau, alpha, norm=norm, backend=backend)
     expected = nag_reference(z_pos.double(), z_neg.double(), scale, tau, alpha, norm=norm)
     assert_matches(out, expected, dtype)
+
+
+def test_eager_calls_skip_the_dispatcher_but_modes_and_meta_see_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nag_kernels.ops import direct_call_ok
+
+    z_pos, z_neg = torch.randn(2, 8), torch.randn(2, 8)
+    assert direct_call_ok(z_pos, z_neg, None)
+    assert not direct_call_ok(z_pos.to("meta"), z_neg.to("meta"))
+    assert not direct_call_ok(z_pos.requires_grad_(), z_neg)
+    z_pos.requires_grad_(False)
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        assert not direct_call_ok(z_pos, z_neg)
+        out = nag(z_pos, z_neg, 5.0)
+    assert "nag_kernels.nag.default" in seen
+    assert_matches(out, nag_reference(z_pos.double(), z_neg.double(), 5.0), torch.float32)
