@@ -1,4 +1,4 @@
-"""Command line of the benchmark suites: ``python -m benchmarks [kernel] [flux] [flops] [options]``."""
+"""Command line of the benchmark suites: ``python -m benchmarks [kernel] [flux] [flops] [quality] [options]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import os
 import sys
 import time
 
-SUITES = ("kernel", "flux", "flops")
+SUITES = ("kernel", "flux", "flops", "quality")
+# ``all``: the suites that run on random weights. quality needs a real model (--model) to say anything, so it runs
+# only when named.
+ALL_SUITES = ("kernel", "flux", "flops")
 
 EPILOG = """\
 suites:
@@ -17,6 +20,10 @@ suites:
   flux    one FLUX.1-size transformer step with random weights: no NAG, true CFG, NAG exact (PyTorch combine /
           Triton kernel), NAG fast; eager and torch.compile'd; ms per step, overhead, peak memory.
   flops   the same configurations counted on the meta device with FlopCounterMode: TFLOP per step, ratio to no NAG.
+  quality images of a real Flux pipeline (--model) for fixed prompts with NAG negatives: no NAG, NAG exact, NAG fast
+          from the same seeds; PSNR/SSIM of fast vs exact (and exact vs no NAG), CLIP similarity to the prompt and
+          the NAG negative with --clip-model; an image grid PNG. Not part of "all" (it needs real weights); without
+          a GPU and --model it runs a tiny random-weight pipeline (--tiny) whose figures are meaningless.
 
 Without a GPU, kernel and flux run small shapes (--quick is the default there); flops always runs at full size.
 Examples:
@@ -25,17 +32,18 @@ Examples:
   python -m benchmarks flux --resolutions 1024 --compile-resolutions none
   python -m benchmarks flops
   python -m benchmarks all --out /tmp/bench
+  python -m benchmarks quality --model black-forest-labs/FLUX.1-schnell --clip-model openai/clip-vit-large-patch14
 """
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import flux, kernel
+    from . import flux, kernel, quality
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("suites", nargs="*", default=["all"], help="kernel, flux, flops or all (default: all)")
+    p.add_argument("suites", nargs="*", default=["all"], help="kernel, flux, flops, quality or all (default: all = kernel, flux, flops)")
     common = p.add_argument_group("all suites")
     common.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     q = common.add_mutually_exclusive_group()
@@ -47,13 +55,14 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this many seconds per suite (skipped cases are recorded)")
     kernel.add_arguments(p.add_argument_group("kernel suite"))
-    flux.add_arguments(p.add_argument_group("flux and flops suites"))
+    flux.add_arguments(p.add_argument_group("flux and flops suites (--dtype also for quality)"))
+    quality.add_arguments(p.add_argument_group("quality suite"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    suites = list(SUITES) if "all" in args.suites else args.suites
+    suites = list(ALL_SUITES) if "all" in args.suites else args.suites
     for s in suites:
         if s not in SUITES:
             raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
