@@ -1,4 +1,5 @@
-"""NAG for ``FluxTransformer2DModel`` (FLUX.1 and everything built on it), "exact" mode (NAG.md section 3).
+"""NAG for ``FluxTransformer2DModel`` (FLUX.1 and everything built on it): "exact" mode (NAG.md section 3) and
+"fast" mode (section 4).
 
 How one guided forward runs (``B`` image rows, ``2B`` text rows = positive then NAG-negative):
 
@@ -8,12 +9,16 @@ How one guided forward runs (``B`` image rows, ``2B`` text rows = positive then 
   here and runs as a plain forward.
 - ``PositiveRowsHook`` on each double block's ``norm1`` and on ``norm_out`` modulates the ``B``-row image stream with
   the positive rows of the ``2B``-row ``temb``.
-- ``NAGFluxAttnProcessor`` wraps each stock ``FluxAttnProcessor``. Double blocks: image Q/K/V are computed once at
-  ``B`` rows and shared by both branches, attention runs per branch over ``[text_b ; image]``, the image outputs are
-  NAG-combined before ``to_out`` (back to ``B`` rows), text outputs stay per branch. Single blocks: the image part of
-  the attention output is combined and written into both halves before the MLP concat and ``proj_out``.
-- ``SingleStackHook`` on the first single block tiles the image tokens to ``2B``; on the last one it keeps the positive
-  half.
+- ``NAGFluxAttnProcessor`` wraps each stock ``FluxAttnProcessor``. Double blocks (both modes): image Q/K/V are
+  computed once at ``B`` rows and shared by both branches; text queries attend per branch over ``[text_b ; image]``
+  (``dispatch_attention_fn``, the user's backend); image queries attend once over the image keys and per branch over
+  the text keys, and ``nag_merge`` LSE-merges the parts and NAG-combines the branches before ``to_out`` (back to ``B``
+  rows): exactly the attention over ``[text_b ; image]``, ~40% less image-query work (``flux_fast.image_attention``).
+  With an attention mask, a context-parallel config or a non-PyTorch attention backend, exact mode runs the unsplit
+  per-branch attention through ``dispatch_attention_fn`` instead. Exact-mode single blocks: the image part of the
+  attention output is combined and written into both halves before the MLP concat and ``proj_out``.
+- ``SingleBlockHook`` on every single block. Exact mode: the first one tiles the image tokens to ``2B``, the last one
+  keeps the positive half. Fast mode: each block runs ``flux_fast.fast_single_block`` (image stays at ``B`` rows).
 
 Plain forwards (no ``"nag"`` record) go straight to the wrapped stock processor, so they are the stock computation.
 Every decision is made on shapes or Python values, except the ``nag_end`` test (one scalar read per call, only when
@@ -27,7 +32,7 @@ import inspect
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttention,
@@ -38,6 +43,10 @@ from diffusers.models.transformers.transformer_flux import (
 import nag_kernels
 
 from .config import NAGConfig
+from .flux_fast import added_qkv as _added_qkv
+from .flux_fast import fast_single_block, image_attention, rope, split_rope
+from .flux_fast import heads as _heads
+from .flux_fast import qkv as _qkv
 from .registry import register_model
 
 # Hook names in diffusers' HookRegistry, one per role, so ``remove_nag`` removes exactly these.
@@ -59,7 +68,8 @@ PIPELINES = (
 
 @dataclasses.dataclass(frozen=True)
 class NAGForward:
-    """What the processors need for one guided forward: ``batch`` B (image rows), ``text_len`` (text tokens)."""
+    """What the processors need for one guided forward: ``batch`` B (image rows), ``text_len`` (text tokens), the NAG
+    parameters and ``mode`` (``"exact"`` or ``"fast"``)."""
 
     batch: int
     text_len: int
@@ -68,6 +78,7 @@ class NAGForward:
     alpha: float
     norm: str
     backend: str
+    mode: str = "exact"
 
 
 def _combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag: NAGForward, out: torch.Tensor | None = None):
@@ -77,21 +88,13 @@ def _combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag: NAGForward, out: tor
     return nag_kernels.nag(z_pos, z_neg, nag.scale, nag.tau, nag.alpha, norm=nag.norm, out=out, backend=backend)
 
 
-def _qkv(attn: FluxAttention, x: torch.Tensor):
-    if attn.fused_projections:
-        return attn.to_qkv(x).chunk(3, dim=-1)
-    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
-
-
-def _added_qkv(attn: FluxAttention, x: torch.Tensor):
-    if attn.fused_projections and hasattr(attn, "to_added_qkv"):
-        return attn.to_added_qkv(x).chunk(3, dim=-1)
-    return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
-
-
-def _heads(attn: FluxAttention, q, k, v, norm_q, norm_k):
-    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-    return norm_q(q), norm_k(k), v
+# diffusers' PyTorch-SDPA backends: exact mode may replace them by ``attention_with_lse`` (the same kernels) to split
+# the image queries; any other backend the user chose (flash-attn, sage, ...) keeps running all of exact mode.
+_TORCH_BACKENDS = frozenset(
+    name
+    for name in ("native", "_native_flash", "_native_efficient", "_native_math", "_native_cudnn")
+    if name in AttentionBackendName._value2member_map_
+)
 
 
 def can_wrap(processor) -> bool:
@@ -125,7 +128,8 @@ class NAGFluxAttnProcessor:
     def _parallel_config(self, value):
         self.inner._parallel_config = value
 
-    def _attend(self, query, key, value, attention_mask):
+    def _attend(self, query, key, value, attention_mask=None):
+        """Attention through ``dispatch_attention_fn`` (the user's backend): ``[B, S, H, D]`` -> ``[B, S, H * D]``."""
         out = dispatch_attention_fn(
             query,
             key,
@@ -135,6 +139,22 @@ class NAGFluxAttnProcessor:
             parallel_config=self._parallel_config,
         )
         return out.flatten(2, 3).to(query.dtype)
+
+    def _can_split(self, attention_mask, nag: NAGForward) -> bool:
+        """Whether the image queries may be split (see the module docstring); fast mode requires it."""
+        if attention_mask is None and self._parallel_config is None:
+            if nag.mode == "fast":
+                return True
+            backend = self._attention_backend
+            if backend is None:
+                backend = _AttentionBackendRegistry._active_backend
+            return getattr(backend, "value", backend) in _TORCH_BACKENDS
+        if nag.mode == "fast":
+            raise ValueError(
+                "mode='fast' supports neither attention masks nor context-parallel configs (the split image "
+                "attention has no mask/parallel path); use mode='exact'"
+            )
+        return False
 
     def __call__(
         self,
@@ -158,22 +178,39 @@ class NAGFluxAttnProcessor:
         txt_q, txt_k, txt_v = _heads(
             attn, *_added_qkv(attn, encoder_hidden_states), attn.norm_added_q, attn.norm_added_k
         )
-        # Both branches see the same image Q/K/V: tile to 2B and join each branch's text in front.
-        query = torch.cat([txt_q, torch.cat([query, query])], dim=1)
-        key = torch.cat([txt_k, torch.cat([key, key])], dim=1)
-        value = torch.cat([txt_v, torch.cat([value, value])], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self._attend(query, key, value, attention_mask)  # [2B, T + N, C]
-        image = out[:, text_len:]
-        image = _combine(image[:batch], image[batch:], nag)  # [B, N, C]
+        if self._can_split(attention_mask, nag):
+            text_rope, image_rope = split_rope(image_rotary_emb, text_len)
+            query, key = rope(query, image_rope), rope(key, image_rope)
+            txt_q, txt_k = rope(txt_q, text_rope), rope(txt_k, text_rope)
+            # Text queries of each branch over [text_b ; image] (image K/V shared), through the user's backend.
+            text = self._attend(
+                txt_q, torch.cat([txt_k, torch.cat([key, key])], dim=1), torch.cat([txt_v, torch.cat([value, value])], dim=1)
+            )  # [2B, T, C]
+            image = image_attention(query, key, value, txt_k, txt_v, nag)  # [B, N, C], merged and combined
+        else:
+            # Both branches see the same image Q/K/V: tile to 2B and join each branch's text in front.
+            query = torch.cat([txt_q, torch.cat([query, query])], dim=1)
+            key = torch.cat([txt_k, torch.cat([key, key])], dim=1)
+            value = torch.cat([txt_v, torch.cat([value, value])], dim=1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            out = self._attend(query, key, value, attention_mask)  # [2B, T + N, C]
+            image = out[:, text_len:]
+            image = _combine(image[:batch], image[batch:], nag)  # [B, N, C]
+            text = out[:, :text_len].contiguous()
         image = attn.to_out[1](attn.to_out[0](image))
-        text = attn.to_add_out(out[:, :text_len].contiguous())
-        return image, text
+        return image, attn.to_add_out(text)
+
+    def single_fast(self, block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, nag):
+        """A whole single block in fast mode (``flux_fast.fast_single_block``); returns ``(text [2B], image [B])``."""
+        self._can_split(attention_mask, nag)  # raises on a mask / context parallelism
+        return fast_single_block(
+            block, self._attend, hidden_states, encoder_hidden_states, temb, image_rotary_emb, nag
+        )
 
     def _single(self, attn, hidden_states, attention_mask, image_rotary_emb, nag):
-        # hidden_states [2B, T + N, C]: text tokens first, image tokens tiled to both halves by SingleStackHook.
+        # hidden_states [2B, T + N, C]: text tokens first, image tokens tiled to both halves by SingleBlockHook.
         batch, text_len = nag.batch, nag.text_len
         query, key, value = _heads(attn, *_qkv(attn, hidden_states), attn.norm_q, attn.norm_k)
         if image_rotary_emb is not None:
@@ -217,8 +254,9 @@ class PositiveRowsHook(ModelHook):
         return (), kw
 
 
-class SingleStackHook(ModelHook):
-    """First single block: tile the ``B`` image rows to ``2B``. Last single block: keep the positive half."""
+class SingleBlockHook(ModelHook):
+    """On every single block of a guided forward. Exact mode: the first block tiles the ``B`` image rows to ``2B``,
+    the last keeps the positive half. Fast mode: the block runs ``flux_fast.fast_single_block`` (image at ``B`` rows)."""
 
     def __init__(self, first: bool, last: bool):
         super().__init__()
@@ -230,9 +268,26 @@ class SingleStackHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         kw = _as_kwargs(self.names, args, kwargs)
-        nag = (kw.get("joint_attention_kwargs") or {}).get("nag")
+        jak = kw.get("joint_attention_kwargs") or {}
+        nag = jak.get("nag")
         if nag is None:
             return self.fn_ref.original_forward(**kw)
+        if nag.mode == "fast":
+            processor = module.attn.processor
+            if not isinstance(processor, NAGFluxAttnProcessor):
+                raise TypeError(
+                    f"mode='fast' needs NAG's attention processor in every single block, but one has "
+                    f"{type(processor).__name__} (set after apply_nag?); call remove_nag and apply_nag again"
+                )
+            return processor.single_fast(
+                module,
+                kw["hidden_states"],
+                kw["encoder_hidden_states"],
+                kw["temb"],
+                kw.get("image_rotary_emb"),
+                jak.get("attention_mask"),
+                nag,
+            )
         if self.first and kw["hidden_states"].shape[0] == nag.batch:
             kw["hidden_states"] = torch.cat([kw["hidden_states"], kw["hidden_states"]])
         text, image = self.fn_ref.original_forward(**kw)
@@ -333,7 +388,9 @@ def _transformer_pre_hook(module, args, kwargs):
     if not on:
         kw["encoder_hidden_states"], kw["pooled_projections"] = text[:batch], pooled[:batch]
         return (), kw
-    jak["nag"] = NAGForward(batch, text.shape[1], config.scale, config.tau, config.alpha, config.norm, config.backend)
+    jak["nag"] = NAGForward(
+        batch, text.shape[1], config.scale, config.tau, config.alpha, config.norm, config.backend, config.mode
+    )
     kw["joint_attention_kwargs"] = jak
     return (), kw
 
@@ -358,6 +415,7 @@ class FluxHandler:
         return hasattr(model, STATE_ATTR)
 
     def set_config(self, model, config: NAGConfig) -> None:
+        # The mode is read per call (``NAGForward.mode``): the same processors and hooks serve both modes.
         getattr(model, STATE_ATTR).config = config
 
     def apply(self, model: FluxTransformer2DModel, config: NAGConfig) -> None:
@@ -379,10 +437,9 @@ class FluxHandler:
                 _register(block.norm1, PositiveRowsHook("emb"), NORM_HOOK, hook_modules)
             _register(model.norm_out, PositiveRowsHook("conditioning_embedding"), NORM_HOOK, hook_modules)
             singles = list(model.single_transformer_blocks)
-            for index, block in enumerate(singles):
-                if index in (0, len(singles) - 1):
-                    hook = SingleStackHook(first=index == 0, last=index == len(singles) - 1)
-                    _register(block, hook, SINGLE_HOOK, hook_modules)
+            for index, block in enumerate(singles):  # every one: fast mode replaces each block's computation
+                hook = SingleBlockHook(first=index == 0, last=index == len(singles) - 1)
+                _register(block, hook, SINGLE_HOOK, hook_modules)
         except BaseException:
             self._restore(model, processors, hook_modules)
             raise

@@ -85,8 +85,11 @@ def flux_forward(
     nag_tau=2.5,
     nag_alpha=0.25,
     norm="l1",
+    mode="exact",
 ):
-    """FLUX.1 forward; with ``2B`` text rows for ``B`` image rows, the authors' NAG layout. Returns ``[B, N, C]``."""
+    """FLUX.1 forward; with ``2B`` text rows for ``B`` image rows, NAG: ``mode="exact"`` the authors' layout (NAG.md
+    section 3), ``mode="fast"`` the shared-image-stream definition (section 4), written as one full attention per
+    branch over ``[text_b ; image]`` (no LSE split). Returns ``[B, N, C]``."""
     batch, text_len = hidden_states.shape[0], encoder_hidden_states.shape[1]
     nag = encoder_hidden_states.shape[0] == 2 * batch
     rows = 2 * batch if nag else batch
@@ -136,6 +139,27 @@ def flux_forward(
         c = c + ec[2][:, None] * attn.to_add_out(out[:, :text_len])
         x = x + e[5][:, None] * block.ff(_layer_norm(x) * (1 + e[4][:, None]) + e[3][:, None])
         c = c + ec[5][:, None] * block.ff_context(_layer_norm(c) * (1 + ec[4][:, None]) + ec[3][:, None])
+
+    if nag and mode == "fast":
+        for block in model.single_transformer_blocks:
+            attn = block.attn
+            shift, scale, gate = block.norm.linear(F.silu(temb)).chunk(3, dim=1)  # [2B] rows each
+            xn = _layer_norm(x) * (1 + scale[:batch, None]) + shift[:batch, None]  # image: positive rows
+            cn = _layer_norm(c) * (1 + scale[:, None]) + shift[:, None]  # text: its own rows
+            outs = []
+            for branch in range(2):
+                hn = torch.cat([cn[branch * batch : (branch + 1) * batch], xn], dim=1)
+                q = _rope(_rms(attn.norm_q, _heads(attn.to_q(hn), head_dim)), cos, sin)
+                k = _rope(_rms(attn.norm_k, _heads(attn.to_k(hn), head_dim)), cos, sin)
+                outs.append(_attention(q, k, _heads(attn.to_v(hn), head_dim)))
+            out = torch.cat(outs)
+            image = combine(out[:, text_len:])
+            mlp_c = F.gelu(block.proj_mlp(cn), approximate="tanh")
+            mlp_x = F.gelu(block.proj_mlp(xn), approximate="tanh")
+            c = c + gate[:, None] * block.proj_out(torch.cat([out[:, :text_len], mlp_c], dim=2))
+            x = x + gate[:batch, None] * block.proj_out(torch.cat([image, mlp_x], dim=2))
+        scale, shift = model.norm_out.linear(F.silu(temb[:batch])).chunk(2, dim=1)
+        return model.proj_out(_layer_norm(x) * (1 + scale[:, None]) + shift[:, None])
 
     h = torch.cat([c, torch.cat([x, x]) if nag else x], dim=1)
     for block in model.single_transformer_blocks:
