@@ -527,6 +527,11 @@ def run(args, device: torch.device) -> h.Results:
     pipe = load_pipeline(settings, device, args.offload)
     results.extra["pipeline"] = type(pipe).__name__
     results.extra["load_s"] = round(time.perf_counter() - t0, 1)
+    apply_nag, remove_nag = api
+    try:  # an unsupported pipeline fails here, once, rather than in every NAG row
+        remove_nag(apply_nag(pipe, mode="exact", **settings.nag))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--model {settings.model}: {h.error_text(exc)}") from None
     clip, clip_note = load_clip(args.clip_model, device)
     results.extra["clip_model"] = args.clip_model
     results.extra["clip_note"] = clip_note
@@ -536,6 +541,7 @@ def run(args, device: torch.device) -> h.Results:
     if args.save_images:
         images_dir.mkdir(exist_ok=True)
 
+    budget = getattr(args, "budget_s", None)
     fast_unavailable: str | None = None
     images: dict[tuple, torch.Tensor] = {}
     cases: list[dict] = []
@@ -546,6 +552,11 @@ def run(args, device: torch.device) -> h.Results:
             for v in VARIANTS:
                 row = {"case": f"prompt {pid} seed {seed} {v}", "variant": v, "prompt_id": pid, "prompt": prompt,
                        "nag_negative": negative, "seed": seed, "model": settings.model}
+                if budget is not None and time.perf_counter() - t0 > budget:
+                    row.update(status="skipped", reason="time budget spent (--budget-s)")
+                    case["missing"][v] = row["reason"]
+                    results.add(row)
+                    continue
                 if v == "nag_fast" and fast_unavailable:
                     row.update(status="skipped", reason=f"fast: not available ({fast_unavailable})")
                     case["missing"][v] = "fast: not available"

@@ -337,3 +337,11 @@ def test_model_defaults_follow_the_spec():
     assert (s.steps, s.guidance_scale) == (25, 3.5)
     with pytest.raises(SystemExit, match="needs --model"):
         quality.settings_from(parser().parse_args(["quality"]), torch.device("cuda"))
+
+
+@needs_integration
+def test_budget_spent_rows_are_recorded(tmp_path, prompts_file):
+    rc, doc, path = _run(tmp_path, "--tiny", "--prompts", prompts_file, "--budget-s", "0")
+    assert rc == 0 and doc["finished"] and len(doc["rows"]) == len(PROMPTS) * len(quality.VARIANTS)
+    assert all(r["status"] == "skipped" and "--budget-s" in r["reason"] for r in doc["rows"])
+    assert "grid" not in doc and path.with_suffix(".md").exists()
