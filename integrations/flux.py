@@ -183,9 +183,9 @@ class NAGFluxAttnProcessor:
             query, key = rope(query, image_rope), rope(key, image_rope)
             txt_q, txt_k = rope(txt_q, text_rope), rope(txt_k, text_rope)
             # Text queries of each branch over [text_b ; image] (image K/V shared), through the user's backend.
-            text = self._attend(
-                txt_q, torch.cat([txt_k, torch.cat([key, key])], dim=1), torch.cat([txt_v, torch.cat([value, value])], dim=1)
-            )  # [2B, T, C]
+            joined_k = torch.cat([txt_k, torch.cat([key, key])], dim=1)
+            joined_v = torch.cat([txt_v, torch.cat([value, value])], dim=1)
+            text = self._attend(txt_q, joined_k, joined_v)  # [2B, T, C]
             image = image_attention(query, key, value, txt_k, txt_v, nag)  # [B, N, C], merged and combined
         else:
             # Both branches see the same image Q/K/V: tile to 2B and join each branch's text in front.
@@ -256,7 +256,8 @@ class PositiveRowsHook(ModelHook):
 
 class SingleBlockHook(ModelHook):
     """On every single block of a guided forward. Exact mode: the first block tiles the ``B`` image rows to ``2B``,
-    the last keeps the positive half. Fast mode: the block runs ``flux_fast.fast_single_block`` (image at ``B`` rows)."""
+    the last keeps the positive half. Fast mode: the block runs ``flux_fast.fast_single_block`` (image stays at
+    ``B`` rows)."""
 
     def __init__(self, first: bool, last: bool):
         super().__init__()

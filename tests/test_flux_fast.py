@@ -219,3 +219,18 @@ def test_masks_get_a_clear_error_in_fast_mode():
     with pytest.raises(ValueError, match="mode='fast' supports neither attention masks"):
         run(model, kw, attention_mask=mask)
     torch.testing.assert_close(run(model, kw), reference(model, kw, mode="fast"), rtol=0, atol=1e-10)  # still usable
+
+
+def test_exact_mode_keeps_the_unsplit_attention_where_the_split_cannot_run():
+    # With an attention mask exact mode attends per branch over [text_b ; image] through dispatch_attention_fn
+    # (as it does for a context-parallel config or a non-PyTorch attention backend): same result, more FLOPs.
+    model = apply_nag(flux_toy.transformer().double(), mode="exact", backend="torch")
+    kw = inputs()
+    mask = torch.ones(1, 1, T + N, T + N, dtype=torch.bool)
+    with FlopCounterMode(display=False) as split:
+        out = run(model, kw)
+    with FlopCounterMode(display=False) as unsplit:
+        masked = run(model, kw, attention_mask=mask)
+    torch.testing.assert_close(masked, out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out, reference(model, kw), rtol=0, atol=1e-10)
+    assert unsplit.get_total_flops() > split.get_total_flops()
