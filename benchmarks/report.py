@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def render(path: Path) -> str:
-    from . import flops, flux, kernel
+    from . import flops, flux, kernel, quality
     from . import harness as h
 
     doc = json.loads(path.read_text())
@@ -29,6 +29,8 @@ def render(path: Path) -> str:
     elif suite == "flops":
         flops.add_ratios(rows)
         body = flops.markdown(rows)
+    elif suite == "quality":
+        body = quality.markdown(rows, quality.summarize(rows), doc)
     else:
         raise ValueError(f"{path}: unknown suite {suite!r}")
     head = h.markdown_head(doc, path.name)
