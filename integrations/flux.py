@@ -103,6 +103,9 @@ def can_wrap(processor) -> bool:
     return isinstance(processor, FluxAttnProcessor) and type(processor).__call__ is FluxAttnProcessor.__call__
 
 
+# diffusers 0.35 has no context parallelism: its dispatch_attention_fn takes no parallel_config.
+_DISPATCH_TAKES_PARALLEL_CONFIG = "parallel_config" in inspect.signature(dispatch_attention_fn).parameters
+
 class NAGFluxAttnProcessor:
     """``FluxAttnProcessor`` with NAG: plain calls go to the wrapped stock processor, guided calls (a ``nag`` record
     from the transformer hook) run the exact-mode attention. Same ``__call__`` signature plus ``nag``; the
@@ -122,7 +125,7 @@ class NAGFluxAttnProcessor:
 
     @property
     def _parallel_config(self):
-        return self.inner._parallel_config
+        return getattr(self.inner, "_parallel_config", None)  # diffusers < 0.36 has no context parallelism
 
     @_parallel_config.setter
     def _parallel_config(self, value):
@@ -130,13 +133,9 @@ class NAGFluxAttnProcessor:
 
     def _attend(self, query, key, value, attention_mask=None):
         """Attention through ``dispatch_attention_fn`` (the user's backend): ``[B, S, H, D]`` -> ``[B, S, H * D]``."""
+        extra = {"parallel_config": self._parallel_config} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
         out = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend, **extra
         )
         return out.flatten(2, 3).to(query.dtype)
 
