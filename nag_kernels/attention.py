@@ -17,7 +17,8 @@ supports the inputs, in this order:
 ========== =================================================================== =======================================
 device     order for ``"auto"``                                                 constraints checked here
 ========== =================================================================== =======================================
-CUDA/ROCm  ``"flash"``: ``aten._scaled_dot_product_flash_attention``           fp16/bf16, D % 8 == 0, D <= 256, sm80+
+CUDA/ROCm  ``"cudnn"`` first on Hopper (sm90) only: see below                    fp16/bf16, D % 8 == 0, D <= 128
+           ``"flash"``: ``aten._scaled_dot_product_flash_attention``           fp16/bf16, D % 8 == 0, D <= 256, sm80+
            ``"efficient"``: ``aten._scaled_dot_product_efficient_attention``   fp16/fp32 (bf16 on sm80+), D % 8 == 0
            (``compute_log_sumexp=True``; its LSE is padded to a multiple of 32 queries and sliced back here)
            ``"math"``
@@ -28,7 +29,11 @@ other      ``"math"``
 ========== =================================================================== =======================================
 
 ``"cudnn"`` (``aten._scaled_dot_product_cudnn_attention``, fp16/bf16, D % 8 == 0, D <= 128, sm80+; LSE
-``[B, H, Nq, 1]``) is only used when asked for: its accepted shapes depend on the installed cuDNN version.
+``[B, H, Nq, 1]``) comes first on Hopper GPUs, as it does in PyTorch's own SDPA choice there: on an H200 (torch 2.11,
+``benchmarks/results/h200-20261127-run4``) FLUX.1's plain attention ran in cuDNN's Hopper kernel at 23.3 ms per step
+while fast mode's split parts, about the same FLOPs, took 44.3 ms in the ``"flash"`` kernel. Its LSE output and the
+merge were verified on that H200 (``tests/test_merge_cuda.py``); elsewhere it is used only when asked for, since
+what it accepts depends on the installed cuDNN version.
 ``"math"`` is two ``matmul``s and an explicit ``logsumexp`` in float32 (float64 for float64), any device and dtype;
 it materializes the ``[B, H, Nq, Nk]`` scores, so it is a fallback, not a fast path. All paths need ``q``, ``k``,
 ``v`` with the same head count and head dim and a contiguous last dim, and one non-empty query (``Nq``/``Nk`` of 0
@@ -168,7 +173,10 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, backend: str = "auto") -> s
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        for candidate in _AUTO_ORDER.get(q.device.type, ("math",)):
+        order = _AUTO_ORDER.get(q.device.type, ("math",))
+        if q.device.type == "cuda" and torch.version.hip is None and _cuda_capability(q.device)[0] == 9:
+            order = ("cudnn",) + order  # Hopper: cuDNN's attention is the fast one there (module docstring)
+        for candidate in order:
             if unsupported_reason(candidate, q, k) is None:
                 return candidate
         return "math"

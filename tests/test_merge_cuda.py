@@ -85,3 +85,12 @@ def test_nag_merge_compiles_on_gpu():
     torch.library.opcheck(torch.ops.nag_kernels.nag_merge.default, (*args, 5.0, 2.5, 0.25, "l1", "triton"))
     compiled = torch.compile(lambda *a: nag_merge(*a, 5.0) * 1, fullgraph=True)
     torch.testing.assert_close(compiled(*args), nag_merge(*args, 5.0), rtol=0, atol=0)
+
+
+def test_auto_backend_on_hopper_is_cudnn():
+    from nag_kernels.attention import choose_backend
+
+    q = torch.randn(1, 64, 24, 128, device="cuda", dtype=torch.bfloat16)
+    expected = "cudnn" if torch.cuda.get_device_capability()[0] == 9 else "flash"
+    assert choose_backend(q, q) == expected
+    assert choose_backend(q.float(), q.float()) == "efficient"
