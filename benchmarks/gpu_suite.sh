@@ -18,6 +18,9 @@
 #   3. sweep (limit 60 s): every launch setting of the combine kernel at the model shapes, heuristic vs best
 #      (benchmarks/sweep_combine.py; writes sweep_combine.json).
 #   The flops suite is machine-independent (meta device) and is not rerun here.
+#   Optional (not in the default set, to stay under 6 minutes): overhead (limit 60 s, benchmarks/host_overhead.py:
+#   device time in a CUDA graph vs host time per call) and profile (limit 90 s, benchmarks/profile_flux.py: the top
+#   GPU kernels of one FLUX.1 step per variant).
 # GPU_SUITE_PHASES=tests,kernel,flux,sweep (the default) picks phases; GPU_SUITE_FLUX_ARGS replaces the flux phase's
 # arguments (e.g. "--resolutions 1024,2048 --compile-resolutions none --variants no_nag,nag_exact_triton").
 # Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/sweep_combine.json, DIR/gpu_suite.log
@@ -31,7 +34,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (use --out DIR)"; exit 2 ;;
   esac
 done
@@ -115,6 +118,15 @@ if wants flux; then
   fi
   phase flux 205 flux "${FLUX_ARGS[@]}" --budget-s 160 "${FLUX_SMOKE[@]}"
 fi
+for extra in overhead:host_overhead:60 profile:profile_flux:90; do
+  IFS=: read -r name module limit <<< "$extra"
+  if wants "$name" && [ "$SMOKE" != 1 ]; then
+    echo
+    echo "== phase $name (limit ${limit}s, suite elapsed $((SECONDS - T0))s): python -m benchmarks.$module"
+    OUT="$OUT_DIR" timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m "benchmarks.$module"
+    echo "== phase $name: exit $?"
+  fi
+done
 if wants sweep && [ "$SMOKE" != 1 ]; then
   echo
   echo "== phase sweep (limit 60s, suite elapsed $((SECONDS - T0))s): launch settings of the combine kernel"
