@@ -334,9 +334,9 @@ def run(args, device: torch.device) -> h.Results:
     if copy:
         h.log(f"device-to-device copy, {h.fmt_bytes(copy['bytes'])} moved: {copy['gbps']:.0f} GB/s")
     if "torch_compile" in providers and device.type == "cuda":
-        # Start Inductor (and its compile workers) before anything is timed: in the H200 run of 2026-11-27 the first
-        # case's eager calls were timed host-bound (0.082 ms) while the same shape with norm='l2' took 0.025 ms later in the run,
-        # right after the process's first torch.compile had started its compile workers.
+        # Start Inductor (and its compile workers) before anything is timed: in the H200 run of 2026-11-27 the
+        # first case's eager calls, timed right after the process's first torch.compile, were host-bound (0.082 ms)
+        # while the same shape with norm='l2' took 0.025 ms later in the run.
         h.guarded(lambda: torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device)), device)
     start = time.perf_counter()
     for i, (s, d, n) in enumerate(todo, 1):
