@@ -16,6 +16,7 @@ from nag_kernels.integrations.flux import NAGForward
 from nag_kernels.integrations.flux_fast import image_attention
 from test_flux_meta import _flops
 from test_flux_pipeline import COMMON, EXTRA, gen, negative_embeds, reference_forward, run_reference
+from test_flux_transformer import reference, run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,16 +46,6 @@ def positive(kw):
     batch = kw["hidden_states"].shape[0]
     return {**kw, "encoder_hidden_states": kw["encoder_hidden_states"][:batch],
             "pooled_projections": kw["pooled_projections"][:batch]}
-
-
-def run(model, kw, **jak):
-    with torch.no_grad():
-        return model(**kw, joint_attention_kwargs=jak or None, return_dict=False)[0]
-
-
-def reference(model, kw, **nag):
-    with torch.no_grad():
-        return flux_reference.flux_forward(model, *(kw[k] for k in list(kw)), **nag)
 
 
 @pytest.mark.parametrize("guidance, norm, text_ids", [(False, "l1", "random"), (True, "l2", "zero")],
