@@ -56,13 +56,17 @@ def check_merge_out(out, o_pos) -> None:
     check_last_dim_contiguous("out", out)
 
 
-def _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend) -> str:
-    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
-    check_params(scale, tau, alpha, norm)
+def _validate_backend(o_pos, backend) -> str:
     backend = resolve_backend(backend, o_pos.device)
     if backend == "triton" and o_pos.dtype == torch.float64:
         raise TypeError("o_pos must be float32, float16 or bfloat16 for backend='triton', got torch.float64")
     return backend
+
+
+def _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend) -> str:
+    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    check_params(scale, tau, alpha, norm)
+    return _validate_backend(o_pos, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def nag_merge(
     if out is not None:
         check_merge_out(out, o_pos)
     if direct_call_ok(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, out):  # eager: skip the dispatcher
-        return _run(*args[:-1], _validate(*args), out=out)
+        return _run(*args[:-1], _validate_backend(o_pos, backend), out=out)  # inputs checked above
     if out is None:
         return torch.ops.nag_kernels.nag_merge(*args)
     torch.ops.nag_kernels.nag_merge_out(out, *args)
