@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .checks import check_backend, check_last_dim_contiguous, check_like, check_pair, check_params
 from .torch_backend import nag_torch
@@ -96,7 +97,7 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     tensors), meta tensors, an active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``), and autograd (which the op
     refuses with a clear error). Plain eager calls on real tensors compute the same thing either way.
     """
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -106,11 +107,6 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
             return False
     return True
 
-
-def _current_dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
 
 
 @torch.library.custom_op("nag_kernels::nag", mutates_args=())
