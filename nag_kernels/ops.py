@@ -12,6 +12,7 @@ fused PyTorch ops on any device. ``"auto"`` picks Triton where it can run and Py
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,7 +22,10 @@ from .checks import check_backend, check_last_dim_contiguous, check_like, check_
 from .torch_backend import nag_torch
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether triton imports; asked once per process (every call resolves its backend, and a failing import on a
+    machine without triton is a slow search of the import path each time)."""
     try:
         import triton  # noqa: F401
     except ImportError:
