@@ -44,7 +44,7 @@ import nag_kernels
 
 from .config import NAGConfig
 from .flux_fast import added_qkv as _added_qkv
-from .flux_fast import fast_single_block, image_attention, rope, split_rope
+from .flux_fast import branch_join, fast_single_block, image_attention, rope, split_rope
 from .flux_fast import heads as _heads
 from .flux_fast import qkv as _qkv
 from .registry import register_model
@@ -182,15 +182,13 @@ class NAGFluxAttnProcessor:
             query, key = rope(query, image_rope), rope(key, image_rope)
             txt_q, txt_k = rope(txt_q, text_rope), rope(txt_k, text_rope)
             # Text queries of each branch over [text_b ; image] (image K/V shared), through the user's backend.
-            joined_k = torch.cat([txt_k, torch.cat([key, key])], dim=1)
-            joined_v = torch.cat([txt_v, torch.cat([value, value])], dim=1)
-            text = self._attend(txt_q, joined_k, joined_v)  # [2B, T, C]
+            text = self._attend(txt_q, branch_join(txt_k, key), branch_join(txt_v, value))  # [2B, T, C]
             image = image_attention(query, key, value, txt_k, txt_v, nag)  # [B, N, C], merged and combined
         else:
             # Both branches see the same image Q/K/V: tile to 2B and join each branch's text in front.
-            query = torch.cat([txt_q, torch.cat([query, query])], dim=1)
-            key = torch.cat([txt_k, torch.cat([key, key])], dim=1)
-            value = torch.cat([txt_v, torch.cat([value, value])], dim=1)
+            query = branch_join(txt_q, query)
+            key = branch_join(txt_k, key)
+            value = branch_join(txt_v, value)
             if image_rotary_emb is not None:
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)

@@ -69,6 +69,20 @@ def rope(x: torch.Tensor, table) -> torch.Tensor:
     return x if table is None else apply_rotary_emb(x, table, sequence_dim=1)
 
 
+def branch_join(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``[text_b ; image]`` along the sequence for both branches, with the image rows shared.
+
+    ``text [2B, T, ...]`` (positive rows, then NAG-negative rows) and ``image [B, N, ...]`` -> ``[2B, T + N, ...]``,
+    equal to ``torch.cat([text, torch.cat([image, image])], dim=1)`` but written once: the nested ``cat`` writes the
+    image rows twice (``2B * N`` rows to a temporary, then again to the result).
+    """
+    batch, text_len = image.shape[0], text.shape[1]
+    out = text.new_empty((text.shape[0], text_len + image.shape[1], *text.shape[2:]))
+    out[:, :text_len] = text
+    out[:, text_len:].unflatten(0, (2, batch)).copy_(image)  # broadcast over the two branches
+    return out
+
+
 def merge_backend(nag, dtype: torch.dtype) -> str:
     """The ``nag_merge`` backend for ``nag.backend``: the fused kernel has no float64 path, so "auto" means torch."""
     if nag.backend == "auto" and dtype == torch.float64:
@@ -124,7 +138,7 @@ def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag):
     tq, tk, tv = heads(attn, *qkv(attn, text), attn.norm_q, attn.norm_k)
     q, k = rope(q, image_rope), rope(k, image_rope)
     tq, tk = rope(tq, text_rope), rope(tk, text_rope)
-    text_out = attend(tq, torch.cat([tk, torch.cat([k, k])], dim=1), torch.cat([tv, torch.cat([v, v])], dim=1))
+    text_out = attend(tq, branch_join(tk, k), branch_join(tv, v))
     return image_attention(q, k, v, tk, tv, nag), text_out
 
 

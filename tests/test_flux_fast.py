@@ -13,7 +13,7 @@ import flux_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 from nag_kernels.integrations.flux import NAGForward
-from nag_kernels.integrations.flux_fast import image_attention
+from nag_kernels.integrations.flux_fast import branch_join, image_attention
 from test_flux_meta import _flops
 from test_flux_pipeline import COMMON, EXTRA, gen, negative_embeds, reference_forward, run_reference
 from test_flux_transformer import reference, run
@@ -102,6 +102,17 @@ def test_split_image_attention_equals_one_attention_over_the_joined_keys(scale):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     if scale == 1.0:  # NAG off: the merge alone is the positive branch's attention
         torch.testing.assert_close(out, full[0], rtol=0, atol=1e-12)
+
+
+def test_branch_join_puts_each_branch_text_before_the_shared_image_rows():
+    batch, t, n = 2, 3, 5
+    text = torch.arange(2 * batch * t * 8, dtype=torch.float32).reshape(2 * batch, t, 2, 4)
+    fused = -torch.arange(batch * n * 24, dtype=torch.float32).reshape(batch, n, 24)
+    image = fused.chunk(3, dim=-1)[1].unflatten(-1, (2, 4))  # a strided view, as fused QKV projections give
+    out = branch_join(text, image)
+    assert out.shape == (2 * batch, t + n, 2, 4)
+    for row in range(2 * batch):  # written out row by row: branch b's text rows, then the image of sample row % B
+        torch.testing.assert_close(out[row], torch.cat([text[row], image[row % batch]]), rtol=0, atol=0)
 
 
 def test_off_cases_and_a_neutral_negative_give_the_plain_forward():
