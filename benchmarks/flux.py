@@ -12,7 +12,10 @@ Variants, one transformer step each (batch ``B`` images, 512 text tokens):
 - ``cfg``: true CFG as the pipelines run it, two plain forwards (positive and negative prompt), for comparison;
 - ``nag_exact_torch``: ``apply_nag(mode="exact", backend="torch")``, the NAG combine in PyTorch;
 - ``nag_exact_triton``: ``apply_nag(mode="exact", backend="triton")``, the fused kernel;
-- ``nag_fast``: ``apply_nag(mode="fast")``, recorded as skipped while it raises NotImplementedError.
+- ``nag_fast``: ``apply_nag(mode="fast")`` (NAG.md section 4).
+
+Target (issue 5, evaluated on CUDA runs of the FLUX.1 config, in each mode measured): a fast-mode step at 1024^2 at
+most 1.2x the plain step's time. The JSON keeps the verdicts under ``targets``; the markdown ends with them.
 
 ``compiled`` runs compile the transformer's repeated blocks (diffusers' ``_repeated_blocks``: regional compilation,
 the same graph reused by all 19 double and 38 single blocks) after NAG is applied; each variant compiles afresh.
@@ -33,6 +36,8 @@ from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS,
 VARIANTS = ("no_nag", "cfg", "nag_exact_torch", "nag_exact_triton", "nag_fast")
 COMPILED_ORDER = ("no_nag", "nag_exact_triton", "nag_exact_torch", "nag_fast", "cfg")
 NAG_ARGS = dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_end=1.0)
+# (label, config, resolution, variant, most time relative to no_nag)
+TARGETS = [("NAG fast mode step time vs no NAG", "FLUX.1", 1024, "nag_fast", 1.2)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -233,7 +238,35 @@ def add_overheads(rows: list[dict]) -> None:
             )
 
 
-def markdown(rows: list[dict]) -> str:
+def evaluate_targets(rows: list[dict], device_type: str) -> list[dict]:
+    """``TARGETS`` against the rows of a CUDA run, one verdict per mode measured (none on other devices)."""
+    if device_type != "cuda":
+        return []
+    out = []
+    for label, config, resolution, variant, limit in TARGETS:
+        modes = dict.fromkeys(r["mode"] for r in rows if (r["config"], r["resolution"]) == (config, resolution))
+        for mode in modes:
+            def ms(v):
+                match = [r for r in rows if (r["config"], r["resolution"], r["mode"], r["variant"], r["status"])
+                         == (config, resolution, mode, v, "ok")]
+                return match[0]["median_ms"] if match else None
+
+            value = None if ms(variant) is None or ms("no_nag") is None else ms(variant) / ms("no_nag")
+            verdict = "n/a" if value is None else ("PASS" if value <= limit else "FAIL")
+            out.append(dict(target=label, config=config, resolution=resolution, mode=mode, variant=variant,
+                            limit=limit, value=value, verdict=verdict))
+    return out
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    return [
+        f"{t['verdict']:<4} {t['target']}, {t['config']} {t['resolution']}^2 {t['mode']}: {t['variant']} / no_nag = "
+        + ("not measured" if t["value"] is None else f"{t['value']:.3f}") + f" (needs <= {t['limit']})"
+        for t in targets
+    ]
+
+
+def markdown(rows: list[dict], targets: list[dict] = ()) -> str:
     header = ["config", "resolution (tokens)", "mode", "variant", "ms/step [q20-q80]", "overhead vs no NAG",
               "peak extra", "first call s"]
     body = []
@@ -249,7 +282,8 @@ def markdown(rows: list[dict]) -> str:
         ])
     return h.markdown_table(header, body) + (
         "\nOne transformer step (batch 1), random weights. `cfg` = two plain passes. Peak extra: CUDA allocator peak "
-        "above weights and inputs during one step (n/a on CPU). First call includes compilation in compiled mode.\n")
+        "above weights and inputs during one step (n/a on CPU). First call includes compilation in compiled mode.\n"
+    ) + ("\n## Targets\n\n```\n" + "\n".join(target_lines(targets)) + "\n```\n" if targets else "")
 
 
 def plot(rows: list[dict], path) -> bool:
@@ -347,10 +381,13 @@ def run(args, device: torch.device) -> h.Results:
         add_overheads(results.rows)
         results.write_json()
         h.log(f"  phase {res}^2 {mode}: {time.perf_counter() - t_phase:.0f}s")
-    md = results.write_markdown(markdown(results.rows))
+    targets = evaluate_targets(results.rows, device.type)
+    results.extra["targets"] = targets
+    results.write_json()
+    md = results.write_markdown(markdown(results.rows, targets))
     plotted = plot(results.rows, results.plot_path())
     h.log(f"wrote {results.json_path}, {md}" + (f", {results.plot_path()}" if plotted else " (no plot: matplotlib missing)"))
-    results.summary = []
+    results.summary = target_lines(targets)
     results.markdown_path = md
     del transformer
     h.free_memory(device)

@@ -1,6 +1,6 @@
 """Render the markdown tables of finished (or cut-short) runs from their JSON files.
 
-``python -m benchmarks.report FILE.json [...]`` prints each run's table (and the kernel targets) and rewrites the
+``python -m benchmarks.report FILE.json [...]`` prints each run's table (and the kernel and flux targets) and rewrites the
 ``.md`` beside the JSON. ``gpu_suite.sh`` ends with it, so the tables are printed last even when a phase ran out of
 time and was stopped before writing its own table.
 """
@@ -25,7 +25,7 @@ def render(path: Path) -> str:
         body = kernel.markdown(rows, targets)
     elif suite == "flux":
         flux.add_overheads(rows)
-        body = flux.markdown(rows)
+        body = flux.markdown(rows, flux.evaluate_targets(rows, env["device_type"]))
     elif suite == "flops":
         flops.add_ratios(rows)
         body = flops.markdown(rows)

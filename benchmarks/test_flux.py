@@ -85,3 +85,21 @@ def test_integration_found_from_a_bare_checkout():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("integrations/__init__.py")
+
+
+def test_targets_compare_fast_mode_with_the_plain_step_per_mode():
+    def row(mode, variant, ms, status="ok", resolution=1024):
+        return dict(config="FLUX.1", resolution=resolution, mode=mode, variant=variant, status=status, median_ms=ms)
+
+    rows = [row("eager", "no_nag", 100.0), row("eager", "nag_fast", 119.0), row("eager", "cfg", 300.0),
+            row("compiled", "no_nag", 80.0), row("compiled", "nag_fast", 97.0),
+            row("eager", "nag_fast", 10.0, resolution=2048), row("eager", "no_nag", 100.0, resolution=2048)]
+    got = {t["mode"]: t for t in flux.evaluate_targets(rows, "cuda")}
+    assert set(got) == {"eager", "compiled"}
+    assert got["eager"]["verdict"] == "PASS" and got["eager"]["value"] == pytest.approx(1.19)
+    assert got["compiled"]["verdict"] == "FAIL" and got["compiled"]["value"] == pytest.approx(97 / 80)
+    rows[1]["status"] = "error"  # a failed fast-mode row is not a pass
+    assert flux.evaluate_targets(rows, "cuda")[0]["verdict"] == "n/a"
+    assert "not measured" in flux.target_lines(flux.evaluate_targets(rows, "cuda"))[0]
+    assert flux.evaluate_targets(rows, "cpu") == []  # CPU figures say nothing about the GPU target
+    assert "## Targets" in flux.markdown([], flux.evaluate_targets(rows, "cuda"))
