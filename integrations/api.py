@@ -119,7 +119,7 @@ def apply_nag(
 
 
 def remove_nag(pipe_or_transformer):
-    """Undo ``apply_nag`` completely (processors, hooks, the pipeline's call); returns the same object.
+    """Undo ``apply_nag`` completely (processors, hooks, patched forwards, the pipeline's call); returns the same object.
 
     Afterwards the outputs are bit-identical to a never-patched model. A no-op on an object that is not patched.
     """

@@ -7,8 +7,8 @@ How one guided forward runs (``B`` image rows, ``2B`` text rows = positive then 
   ``timestep``/``guidance`` to ``2B`` and passes a ``NAGForward`` record to the attention processors through
   ``joint_attention_kwargs["nag"]``. A NAG-off call (``nag_scale = 1`` or past ``nag_end``) drops the negative rows
   here and runs as a plain forward.
-- ``PositiveRowsHook`` on each double block's ``norm1`` and on ``norm_out`` modulates the ``B``-row image stream with
-  the positive rows of the ``2B``-row ``temb``.
+- ``_positive_rows_forward`` replaces the ``forward`` of each double block's ``norm1`` and of ``norm_out``: it
+  modulates the ``B``-row image stream with the positive rows of the ``2B``-row ``temb``.
 - ``NAGFluxAttnProcessor`` wraps each stock ``FluxAttnProcessor``. Double blocks (both modes): image Q/K/V are
   computed once at ``B`` rows and shared by both branches; text queries attend per branch over ``[text_b ; image]``
   (``dispatch_attention_fn``, the user's backend); image queries attend once over the image keys and per branch over
@@ -17,8 +17,11 @@ How one guided forward runs (``B`` image rows, ``2B`` text rows = positive then 
   With an attention mask, a context-parallel config or a non-PyTorch attention backend, exact mode runs the unsplit
   per-branch attention through ``dispatch_attention_fn`` instead. Exact-mode single blocks: the image part of the
   attention output is combined and written into both halves before the MLP concat and ``proj_out``.
-- ``SingleBlockHook`` on every single block. Exact mode: the first one tiles the image tokens to ``2B``, the last one
-  keeps the positive half. Fast mode: each block runs ``flux_fast.fast_single_block`` (image stays at ``B`` rows).
+- ``_single_block_forward`` replaces every single block's ``forward``. Exact mode: the first one tiles the image
+  tokens to ``2B``, the last one keeps the positive half. Fast mode: each block runs ``flux_fast.fast_single_block``
+  (image stays at ``B`` rows).
+- Both replacements are one shared function per role (``forward_patch``), not per-module wrappers, so regional
+  compilation (``compile_repeated_blocks``) compiles each block class once instead of once per block.
 
 Plain forwards (no ``"nag"`` record) go straight to the wrapped stock processor, so they are the stock computation.
 Every decision is made on shapes or Python values, except the ``nag_end`` test (one scalar read per call, only when
@@ -31,7 +34,6 @@ import dataclasses
 import inspect
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
@@ -42,6 +44,7 @@ from diffusers.models.transformers.transformer_flux import (
 
 import nag_kernels
 
+from . import forward_patch
 from .config import NAGConfig
 from .flux_fast import added_qkv as _added_qkv
 from .flux_fast import branch_join, fast_single_block, image_attention, rope, split_rope
@@ -49,9 +52,6 @@ from .flux_fast import heads as _heads
 from .flux_fast import qkv as _qkv
 from .registry import register_model
 
-# Hook names in diffusers' HookRegistry, one per role, so ``remove_nag`` removes exactly these.
-NORM_HOOK = "nag_positive_rows"
-SINGLE_HOOK = "nag_single_stack"
 STATE_ATTR = "_nag_state"
 # Keys of ``joint_attention_kwargs`` that NAG reads (and removes before the blocks see them).
 CALL_KEYS = {"nag_scale": "scale", "nag_tau": "tau", "nag_alpha": "alpha", "nag_end": "end"}
@@ -207,7 +207,7 @@ class NAGFluxAttnProcessor:
         )
 
     def _single(self, attn, hidden_states, attention_mask, image_rotary_emb, nag):
-        # hidden_states [2B, T + N, C]: text tokens first, image tokens tiled to both halves by SingleBlockHook.
+        # hidden_states [2B, T + N, C]: text tokens first, image tokens tiled to both halves by _single_block_forward.
         batch, text_len = nag.batch, nag.text_len
         query, key, value = _heads(attn, *_qkv(attn, hidden_states), attn.norm_q, attn.norm_k)
         if image_rotary_emb is not None:
@@ -231,67 +231,52 @@ def _as_kwargs(names: tuple[str, ...], args, kwargs) -> dict:
     return kw
 
 
-class PositiveRowsHook(ModelHook):
-    """AdaLN of the image stream: when the conditioning has twice the rows of ``x`` (a guided forward), use the
-    first half (the positive rows). Stock code would fail on that shape, so plain forwards are untouched."""
-
-    def __init__(self, emb_name: str):
-        super().__init__()
-        self.emb_name = emb_name
-
-    def initialize_hook(self, module):
-        self.names = _parameter_names(module.forward)
-        return module
-
-    def pre_forward(self, module, *args, **kwargs):
-        kw = _as_kwargs(self.names, args, kwargs)
-        x, emb = kw["x"], kw.get(self.emb_name)
-        if emb is not None and emb.shape[0] == 2 * x.shape[0]:
-            kw[self.emb_name] = emb[: x.shape[0]]
-        return (), kw
+def _positive_rows_forward(self, *args, **kwargs):
+    """``forward`` of the image stream's AdaLN (each double block's ``norm1``, and ``norm_out``): when the
+    conditioning (argument ``self._nag_emb``) has twice the rows of ``x`` (a guided forward), use the first half (the
+    positive rows). Stock code would fail on that shape, so plain forwards are untouched."""
+    kw = _as_kwargs(self._nag_names, args, kwargs)
+    x, emb = kw["x"], kw.get(self._nag_emb)
+    if emb is not None and emb.shape[0] == 2 * x.shape[0]:
+        kw[self._nag_emb] = emb[: x.shape[0]]
+    return forward_patch.call_previous(self, **kw)
 
 
-class SingleBlockHook(ModelHook):
-    """On every single block of a guided forward. Exact mode: the first block tiles the ``B`` image rows to ``2B``,
-    the last keeps the positive half. Fast mode: the block runs ``flux_fast.fast_single_block`` (image stays at
-    ``B`` rows)."""
-
-    def __init__(self, first: bool, last: bool):
-        super().__init__()
-        self.first, self.last = first, last
-
-    def initialize_hook(self, module):
-        self.names = _parameter_names(module.forward)
-        return module
-
-    def new_forward(self, module, *args, **kwargs):
-        kw = _as_kwargs(self.names, args, kwargs)
-        jak = kw.get("joint_attention_kwargs") or {}
-        nag = jak.get("nag")
-        if nag is None:
-            return self.fn_ref.original_forward(**kw)
-        if nag.mode == "fast":
-            processor = module.attn.processor
-            if not isinstance(processor, NAGFluxAttnProcessor):
-                raise TypeError(
-                    f"mode='fast' needs NAG's attention processor in every single block, but one has "
-                    f"{type(processor).__name__} (set after apply_nag?); call remove_nag and apply_nag again"
-                )
-            return processor.single_fast(
-                module,
-                kw["hidden_states"],
-                kw["encoder_hidden_states"],
-                kw["temb"],
-                kw.get("image_rotary_emb"),
-                jak.get("attention_mask"),
-                nag,
+def _single_block_forward(self, *args, **kwargs):
+    """``forward`` of every single block in a guided forward. Exact mode: the first block (the one that receives the
+    ``B`` image rows) tiles them to ``2B``, the last one (``self._nag_last``) keeps the positive half. Fast mode: the
+    block runs ``flux_fast.fast_single_block`` (the image stays at ``B`` rows)."""
+    kw = _as_kwargs(self._nag_names, args, kwargs)
+    jak = kw.get("joint_attention_kwargs") or {}
+    nag = jak.get("nag")
+    if nag is None:
+        return forward_patch.call_previous(self, **kw)
+    if nag.mode == "fast":
+        processor = self.attn.processor
+        if not isinstance(processor, NAGFluxAttnProcessor):
+            raise TypeError(
+                f"mode='fast' needs NAG's attention processor in every single block, but one has "
+                f"{type(processor).__name__} (set after apply_nag?); call remove_nag and apply_nag again"
             )
-        if self.first and kw["hidden_states"].shape[0] == nag.batch:
-            kw["hidden_states"] = torch.cat([kw["hidden_states"], kw["hidden_states"]])
-        text, image = self.fn_ref.original_forward(**kw)
-        if self.last:
-            image = image[: nag.batch]
-        return text, image
+        return processor.single_fast(
+            self,
+            kw["hidden_states"],
+            kw["encoder_hidden_states"],
+            kw["temb"],
+            kw.get("image_rotary_emb"),
+            jak.get("attention_mask"),
+            nag,
+        )
+    if kw["hidden_states"].shape[0] == nag.batch:  # only the first single block gets the B-row image stream
+        kw["hidden_states"] = torch.cat([kw["hidden_states"], kw["hidden_states"]])
+    text, image = forward_patch.call_previous(self, **kw)
+    if self._nag_last:
+        image = image[: nag.batch]
+    return text, image
+
+
+# The attributes forward_patch.patch sets for the two functions above (removed again by remove_nag).
+_SETTINGS = {_positive_rows_forward: ("_nag_names", "_nag_emb"), _single_block_forward: ("_nag_names", "_nag_last")}
 
 
 @dataclasses.dataclass
@@ -309,7 +294,7 @@ class PipelineRun:
 class FluxNAGState:
     config: NAGConfig
     processors: dict  # attention module name -> the stock processor it had before apply
-    hook_modules: list  # modules we registered diffusers hooks on, with whether we created their registry
+    patched: list  # (module, function) pairs whose forward forward_patch.patch replaced
     pre_hook: torch.utils.hooks.RemovableHandle
     names: tuple[str, ...]  # the transformer's forward parameters, in order
     run: PipelineRun | None = None
@@ -397,14 +382,15 @@ def _attention_modules(model: FluxTransformer2DModel) -> dict[str, FluxAttention
     return {name: m for name, m in model.named_modules() if isinstance(m, FluxAttention)}
 
 
-def _register(module: torch.nn.Module, hook: ModelHook, name: str, hook_modules: list) -> None:
-    created = not hasattr(module, "_diffusers_hook")
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-    hook_modules.append((module, name, created))
+def _patch(module: torch.nn.Module, fn, patched: list, **settings) -> None:
+    if not forward_patch.is_patched(module):  # else ours is still in its chain, with its names (see _restore)
+        settings["_nag_names"] = _parameter_names(module.forward)  # of the forward that ``fn`` will call
+    forward_patch.patch(module, fn, **settings)
+    patched.append((module, fn))
 
 
 class FluxHandler:
-    """Patches a ``FluxTransformer2DModel`` in place (processors + hooks) and undoes it exactly."""
+    """Patches a ``FluxTransformer2DModel`` in place (processors, a pre-hook, patched forwards) and undoes it exactly."""
 
     name = "FluxTransformer2DModel"
     pipelines = PIPELINES
@@ -413,7 +399,7 @@ class FluxHandler:
         return hasattr(model, STATE_ATTR)
 
     def set_config(self, model, config: NAGConfig) -> None:
-        # The mode is read per call (``NAGForward.mode``): the same processors and hooks serve both modes.
+        # The mode is read per call (``NAGForward.mode``): the same processors and patches serve both modes.
         getattr(model, STATE_ATTR).config = config
 
     def apply(self, model: FluxTransformer2DModel, config: NAGConfig) -> None:
@@ -427,50 +413,41 @@ class FluxHandler:
                 "(e.g. pipe.unload_ip_adapter() or transformer.set_attn_processor(FluxAttnProcessor()))."
             )
         processors = {name: m.processor for name, m in attention.items()}
-        hook_modules: list = []
+        patched: list = []
         try:
             for m in attention.values():
                 m.set_processor(NAGFluxAttnProcessor(m.processor))
             for block in model.transformer_blocks:
-                _register(block.norm1, PositiveRowsHook("emb"), NORM_HOOK, hook_modules)
-            _register(model.norm_out, PositiveRowsHook("conditioning_embedding"), NORM_HOOK, hook_modules)
+                _patch(block.norm1, _positive_rows_forward, patched, _nag_emb="emb")
+            _patch(model.norm_out, _positive_rows_forward, patched, _nag_emb="conditioning_embedding")
             singles = list(model.single_transformer_blocks)
             for index, block in enumerate(singles):  # every one: fast mode replaces each block's computation
-                hook = SingleBlockHook(first=index == 0, last=index == len(singles) - 1)
-                _register(block, hook, SINGLE_HOOK, hook_modules)
+                _patch(block, _single_block_forward, patched, _nag_last=index == len(singles) - 1)
         except BaseException:
-            self._restore(model, processors, hook_modules)
+            self._restore(model, processors, patched)
             raise
         # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
         # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
         handle = model.register_forward_pre_hook(_transformer_pre_hook, with_kwargs=True, prepend=True)
         names = _parameter_names(type(model).forward)
-        setattr(model, STATE_ATTR, FluxNAGState(config, processors, hook_modules, handle, names))
+        setattr(model, STATE_ATTR, FluxNAGState(config, processors, patched, handle, names))
 
     def remove(self, model: FluxTransformer2DModel) -> None:
         state: FluxNAGState = getattr(model, STATE_ATTR)
         state.pre_hook.remove()
-        self._restore(model, state.processors, state.hook_modules)
+        self._restore(model, state.processors, state.patched)
         delattr(model, STATE_ATTR)
 
     @staticmethod
-    def _restore(model, processors: dict, hook_modules: list) -> None:
+    def _restore(model, processors: dict, patched: list) -> None:
         for name, m in _attention_modules(model).items():
             # Only our own processor goes back; a processor set by the user after apply_nag stays.
             if isinstance(m.processor, NAGFluxAttnProcessor) and name in processors:
                 m.set_processor(processors[name])
-        for module, name, created in reversed(hook_modules):
-            registry = module._diffusers_hook
-            registry.remove_hook(name, recurse=False)
-            if created and not registry.hooks:
-                del module._diffusers_hook
-                if module.__dict__.get("forward") is not None:
-                    # HookRegistry leaves the bound method as an instance attribute; drop it so the module is as new.
-                    bound = module.__dict__["forward"]
-                    if getattr(bound, "__func__", None) is type(module).forward:
-                        del module.__dict__["forward"]
-        if hasattr(model, "_diffusers_hook"):
-            model._diffusers_hook.invalidate_child_registries_cache()
+        for module, fn in reversed(patched):
+            # False when another library wrapped the module after apply_nag: ours then stays inside its chain as a
+            # pass-through (it acts only on a guided forward), and a later apply_nag reuses it.
+            forward_patch.unpatch(module, fn, _SETTINGS[fn])
 
 
 register_model(FluxTransformer2DModel, FluxHandler())
