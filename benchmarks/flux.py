@@ -183,6 +183,10 @@ def run_variant(results, transformer, variant, mode, res, base, inputs, batch, d
         nonlocal blocks
         with torch.no_grad(), nag_applied(transformer, variant, device):
             if mode == "compiled":
+                from torch._dynamo.utils import counters
+
+                graphs_before = counters["stats"].get("unique_graphs", 0)
+                breaks_before = sum(counters["graph_break"].values())
                 blocks = compile_blocks(transformer)
             fn = step_fn(transformer, variant, inputs, batch)
             t0 = time.perf_counter()
@@ -192,10 +196,8 @@ def run_variant(results, transformer, variant, mode, res, base, inputs, batch, d
             out_main = out[0] if isinstance(out, tuple) else out
             info = {"output_shape": list(out_main.shape), "output_finite": bool(torch.isfinite(out_main).all())}
             if mode == "compiled":  # a recompile per block or a graph break shows up here, not as an error
-                from torch._dynamo.utils import counters
-
-                info["dynamo_unique_graphs"] = counters["stats"].get("unique_graphs")
-                info["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
+                info["dynamo_unique_graphs"] = counters["stats"].get("unique_graphs", 0) - graphs_before
+                info["dynamo_graph_breaks"] = sum(counters["graph_break"].values()) - breaks_before
             del out, out_main
             peak = h.peak_extra_bytes(fn, device)
             peak_abs = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -278,11 +280,13 @@ def markdown(rows: list[dict], targets: list[dict] = ()) -> str:
         ov = r.get("overhead_vs_no_nag")
         body.append(where + [
             f"{h.fmt_ms(r['median_ms'])} [{h.fmt_ms(r['q20_ms'])}-{h.fmt_ms(r['q80_ms'])}]",
-            "" if ov is None else f"{100 * ov:+.0f}%", h.fmt_bytes(r.get("peak_extra_bytes")), r["first_call_s"],
+            "" if ov is None else f"{100 * ov:+.0f}%", h.fmt_bytes(r.get("peak_extra_bytes")),
+            f"{r['first_call_s']}" + (f" ({r['dynamo_unique_graphs']} graphs)" if "dynamo_unique_graphs" in r else ""),
         ])
     return h.markdown_table(header, body) + (
         "\nOne transformer step (batch 1), random weights. `cfg` = two plain passes. Peak extra: CUDA allocator peak "
-        "above weights and inputs during one step (n/a on CPU). First call includes compilation in compiled mode.\n"
+        "above weights and inputs during one step (n/a on CPU). First call includes compilation in compiled mode "
+        "(graphs: how many dynamo compiled for the variant; with regional compilation a few, not one per block).\n"
     ) + ("\n## Targets\n\n```\n" + "\n".join(target_lines(targets)) + "\n```\n" if targets else "")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the GPU measures for the README and issues 2, 3 and 5, in one call: under 6 minutes on an H100,
+# Everything the GPU measures for the README and issues 2, 3 and 5, in one call: about 6 minutes on an H100,
 # compile warm-ups included. Run from the repo root, offline, with torch, triton and diffusers importable:
 #
 #   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --target $S .whl/*.whl
@@ -8,22 +8,22 @@
 #
 # Phases (each in its own process under a hard time limit, so an OOM, a compile error or a hang in one is reported
 # and the next still runs; every phase writes its JSON row by row, so a phase stopped early keeps what it measured):
-#   0. tests (limit 100 s): the GPU-only correctness tests, compiled kernels (tests/test_*_cuda.py, TRITON_INTERPRET=0).
-#   1. kernel (limit 120 s): the NAG combine, preset gpu-suite: all 9 model shapes in bf16/L1 plus fp16/fp32 and L2
+#   tests (limit 100 s): the GPU-only correctness tests, compiled kernels (tests/test_*_cuda.py, TRITON_INTERPRET=0).
+#   kernel (limit 120 s): the NAG combine, preset gpu-suite: all 9 model shapes in bf16/L1 plus fp16/fp32 and L2
 #      at the Flux shapes; 6 providers each (15 torch.compile warm-ups); issue 2's pass/fail targets.
-#   2. flux (limit 205 s): FLUX.1-size transformer (about 12B random bf16 parameters, built on the GPU) at 1024^2 and
-#      2048^2, eager: no NAG, true CFG, NAG exact (torch combine), NAG exact (Triton kernel), NAG fast (issue 5,
-#      skipped while not implemented); then 1024^2 torch.compile'd (regional compilation of the repeated blocks).
-#      2048^2 is not compiled here: each compile costs tens of seconds and the eager 2048^2 run answers issue 5.
-#   3. sweep (limit 60 s): every launch setting of the combine kernel at the model shapes, heuristic vs best
-#      (benchmarks/sweep_combine.py; writes sweep_combine.json).
+#   flux (limit 205 s): FLUX.1-size transformer (about 12B random bf16 parameters, built on the GPU) at 1024^2 and
+#      2048^2, eager: no NAG, true CFG, NAG exact (torch combine), NAG exact (Triton kernel), NAG fast; then 1024^2
+#      torch.compile'd (regional compilation of the repeated blocks); issue 5's target (fast <= 1.2x no NAG at
+#      1024^2). 2048^2 is not compiled here: each compile costs tens of seconds.
+#   profile (limit 90 s, benchmarks/profile_flux.py): the top GPU kernels of one FLUX.1 step per variant.
+#   Optional, not in the default set (both ran on an H200 on 2026-11-27, benchmarks/results/h200-20261127-run*):
+#   sweep (limit 60 s): every launch setting of the combine kernel at the model shapes, heuristic vs best
+#      (benchmarks/sweep_combine.py; writes sweep_combine.json); overhead (limit 60 s, benchmarks/host_overhead.py:
+#      device time in a CUDA graph vs host time per call).
 #   The flops suite is machine-independent (meta device) and is not rerun here.
-#   Optional (not in the default set, to stay under 6 minutes): overhead (limit 60 s, benchmarks/host_overhead.py:
-#   device time in a CUDA graph vs host time per call) and profile (limit 90 s, benchmarks/profile_flux.py: the top
-#   GPU kernels of one FLUX.1 step per variant).
-# GPU_SUITE_PHASES=tests,kernel,flux,sweep (the default) picks phases; GPU_SUITE_FLUX_ARGS replaces the flux phase's
-# arguments (e.g. "--resolutions 1024,2048 --compile-resolutions none --variants no_nag,nag_exact_triton").
-# Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/sweep_combine.json, DIR/gpu_suite.log
+# GPU_SUITE_PHASES=tests,kernel,flux,profile (the default) picks phases; GPU_SUITE_FLUX_ARGS replaces the flux
+# phase's arguments (e.g. "--resolutions 1024,2048 --compile-resolutions none --variants no_nag,nag_fast").
+# Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/profile_flux.json, DIR/gpu_suite.log
 # (8 files); tables printed last.
 # GPU_SUITE_SMOKE=1 runs the same phases on tiny shapes on whatever device is here (a check of this script on a CPU;
 # its figures mean nothing).
@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (use --out DIR)"; exit 2 ;;
   esac
 done
@@ -99,7 +99,7 @@ phase() {  # phase NAME LIMIT_S ARGS...
   esac
 }
 
-PHASES=",${GPU_SUITE_PHASES:-tests,kernel,flux,sweep},"
+PHASES=",${GPU_SUITE_PHASES:-tests,kernel,flux,profile},"
 wants() { case "$PHASES" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if wants tests; then
