@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append((s, results))
     # Tables last, so the end of the output holds them.
     for s, results in summaries:
-        path = getattr(results, "markdown_path", None)
-        if path:
-            print("\n" + open(path).read(), flush=True)
-        for line in getattr(results, "summary", []):
+        if results.markdown_path:
+            print("\n" + results.markdown_path.read_text(), flush=True)
+        for line in results.summary:
             print(line, flush=True)
     return 1 if failed else 0
 

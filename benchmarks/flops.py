@@ -93,12 +93,7 @@ def run(args, device: torch.device) -> h.Results:
             results.add(row)
             h.log("  " + progress_line(row))
     add_ratios(results.rows)
-    results.write_json()
-    text = markdown(results.rows)
-    md = results.write_markdown(text)
-    results.summary = []
-    results.markdown_path = md
-    h.log(f"wrote {results.json_path}, {md}")
+    results.finish(markdown(results.rows))
     return results
 
 

@@ -355,9 +355,7 @@ def run(args, device: torch.device) -> h.Results:
     if err:
         h.log(f"building the transformer failed: {err.get('error') or err.get('reason')}")
         results.extra["build_error"] = err
-        results.write_json()
         results.write_markdown(f"Building the transformer failed: {err.get('error') or err.get('reason')}\n")
-        results.summary = []
         return results
     n_params = sum(p.numel() for p in transformer.parameters())
     results.extra.update(params=n_params, build_s=round(time.perf_counter() - t0, 1))
@@ -387,12 +385,7 @@ def run(args, device: torch.device) -> h.Results:
         h.log(f"  phase {res}^2 {mode}: {time.perf_counter() - t_phase:.0f}s")
     targets = evaluate_targets(results.rows, device.type)
     results.extra["targets"] = targets
-    results.write_json()
-    md = results.write_markdown(markdown(results.rows, targets))
-    plotted = plot(results.rows, results.plot_path())
-    h.log(f"wrote {results.json_path}, {md}" + (f", {results.plot_path()}" if plotted else " (no plot: matplotlib missing)"))
-    results.summary = target_lines(targets)
-    results.markdown_path = md
+    results.finish(markdown(results.rows, targets), lambda path: plot(results.rows, path), target_lines(targets))
     del transformer
     h.free_memory(device)
     return results

@@ -285,6 +285,9 @@ class Results:
         self.argv = argv if argv is not None else sys.argv
         self.t0 = time.perf_counter()
         self.extra["finished"] = False
+        # Set by ``finish``; ``python -m benchmarks`` prints them last, after every suite has run.
+        self.markdown_path: Path | None = None
+        self.summary: list[str] = []
         self.write_json()
 
     @property
@@ -336,6 +339,17 @@ class Results:
 
     def plot_path(self) -> Path:
         return self.stem.with_suffix(".png")
+
+    def finish(self, body: str, plot=None, summary: list[str] = ()) -> Path:
+        """End the run: its markdown table (and final JSON), then ``plot(path) -> bool`` when given (False: nothing
+        drawn, matplotlib missing); log the files and keep the table's path and ``summary`` lines to print last."""
+        self.markdown_path = self.write_markdown(body)
+        wrote = f"wrote {self.json_path}, {self.markdown_path}"
+        if plot is not None:
+            wrote += f", {self.plot_path()}" if plot(self.plot_path()) else " (no plot: matplotlib missing)"
+        log(wrote)
+        self.summary = list(summary)
+        return self.markdown_path
 
 
 def markdown_head(doc: dict[str, Any], json_name: str) -> str:

@@ -350,10 +350,5 @@ def run(args, device: torch.device) -> h.Results:
         run_case(results, s, d, n, providers, device, quick)
     targets = evaluate_targets(results.rows, device)
     results.extra["targets"] = targets
-    results.write_json()
-    md = results.write_markdown(markdown(results.rows, targets))
-    plotted = plot(results.rows, results.plot_path())
-    h.log(f"wrote {results.json_path}, {md}" + (f", {results.plot_path()}" if plotted else " (no plot: matplotlib missing)"))
-    results.summary = target_lines(targets)
-    results.markdown_path = md
+    results.finish(markdown(results.rows, targets), lambda path: plot(results.rows, path), target_lines(targets))
     return results
