@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_backend, check_float_tensor, check_last_dim_contiguous, check_like, check_params
-from .ops import direct_call_ok, resolve_backend
+from .ops import direct_call_ok, validate_backend
 from .torch_backend import nag_torch
 
 O_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -56,17 +56,10 @@ def check_merge_out(out, o_pos) -> None:
     check_last_dim_contiguous("out", out)
 
 
-def _validate_backend(o_pos, backend) -> str:
-    backend = resolve_backend(backend, o_pos.device)
-    if backend == "triton" and o_pos.dtype == torch.float64:
-        raise TypeError("o_pos must be float32, float16 or bfloat16 for backend='triton', got torch.float64")
-    return backend
-
-
 def _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend) -> str:
     check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
     check_params(scale, tau, alpha, norm)
-    return _validate_backend(o_pos, backend)
+    return validate_backend("o_pos", o_pos, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +226,7 @@ def nag_merge(
     if out is not None:
         check_merge_out(out, o_pos)
     if direct_call_ok(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, out):  # eager: skip the dispatcher
-        return _run(*args[:-1], _validate_backend(o_pos, backend), out=out)  # inputs checked above
+        return _run(*args[:-1], validate_backend("o_pos", o_pos, backend), out=out)  # inputs checked above
     if out is None:
         return torch.ops.nag_kernels.nag_merge(*args)
     torch.ops.nag_kernels.nag_merge_out(out, *args)

@@ -71,16 +71,18 @@ def _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend) -> None:
     check_backend(backend)
 
 
-def _validate_backend(z_pos, backend) -> str:
-    backend = resolve_backend(backend, z_pos.device)
-    if backend == "triton" and z_pos.dtype == torch.float64:
-        raise TypeError("z_pos must be float32, float16 or bfloat16 for backend='triton', got torch.float64")
+def validate_backend(name: str, tensor: torch.Tensor, backend: str) -> str:
+    """``resolve_backend`` for ``tensor``'s device, refusing float64 (argument ``name``) on the Triton kernels, which
+    have no float64 path."""
+    backend = resolve_backend(backend, tensor.device)
+    if backend == "triton" and tensor.dtype == torch.float64:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for backend='triton', got torch.float64")
     return backend
 
 
 def _validate(z_pos, z_neg, scale, tau, alpha, norm, backend) -> str:
     _check_inputs(z_pos, z_neg, scale, tau, alpha, norm, backend)
-    return _validate_backend(z_pos, backend)
+    return validate_backend("z_pos", z_pos, backend)
 
 
 def _run(z_pos, z_neg, scale, tau, alpha, norm, backend, out):
@@ -111,7 +113,6 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
         if type(t) is not torch.Tensor or t.device.type == "meta" or (grad and t.requires_grad):
             return False
     return True
-
 
 
 @torch.library.custom_op("nag_kernels::nag", mutates_args=())
@@ -204,7 +205,7 @@ def nag(
         check_like("out", out, "z_pos", z_pos)
         check_last_dim_contiguous("out", out)
     if direct_call_ok(z_pos, z_neg, out):
-        return _run(z_pos, z_neg, scale, tau, alpha, norm, _validate_backend(z_pos, backend), out)
+        return _run(z_pos, z_neg, scale, tau, alpha, norm, validate_backend("z_pos", z_pos, backend), out)
     if out is None:
         return torch.ops.nag_kernels.nag(z_pos, z_neg, scale, tau, alpha, norm, backend)
     torch.ops.nag_kernels.nag_out(out, z_pos, z_neg, scale, tau, alpha, norm, backend)
