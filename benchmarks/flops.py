@@ -9,7 +9,6 @@ custom attention kernel, say) are listed under ``uncounted_ops`` so an undercoun
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -17,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import harness as h
+from . import random_flux
 from .configs import flux_image_tokens
 from .flux import make_inputs, model_config, nag_applied, split_rows
 
@@ -51,14 +51,7 @@ def count(fn) -> dict:
     return {"flops": fc.get_total_flops(), "by_op": by_op, "uncounted_ops": uncounted, "elementwise_nag_ops": own}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    # --resolutions, --batch and --quick (the toy config) are shared with the flux suite.
-    pass
-
-
 def run(args, device: torch.device) -> h.Results:
-    from .flux import build_transformer
-
     meta = torch.device("meta")
     quick = bool(args.quick)  # full size by default, also on a CPU: nothing is computed
     name, config, text_tokens = model_config(quick)
@@ -68,7 +61,7 @@ def run(args, device: torch.device) -> h.Results:
     results = h.Results("flops", env, args.out)
     results.extra.update(config_name=name, config=config, batch=args.batch, text_tokens=text_tokens)
     h.log(f"flops suite: {name} on the meta device, resolutions {resolutions}, batch {args.batch}")
-    transformer = build_transformer(config, meta, torch.bfloat16)
+    transformer = random_flux.transformer(config, meta, torch.bfloat16)
     for res in resolutions:
         inputs = make_inputs(config, res, text_tokens, args.batch, 2 * args.batch, torch.bfloat16, meta)
         pos, neg = split_rows(inputs, slice(0, args.batch)), split_rows(inputs, slice(args.batch, 2 * args.batch))

@@ -1,10 +1,8 @@
 """``flux`` suite: what NAG costs in one Flux transformer step, eager and compiled.
 
 A ``FluxTransformer2DModel`` with the FLUX.1 config (``configs.FLUX1``, about 12B parameters) and random weights
-(nothing is downloaded) is built straight on the device in the run's dtype: constructed on the meta device, cast,
-then ``to_empty`` and filled with ``N(0, 1/fan_in)`` weights, zero biases and unit norm weights, so no fp32 copy of
-the model is ever made and activations stay finite. On a CPU (``--quick``) the same code runs a Flux-shaped toy
-(``configs.FLUX_TINY``).
+(``random_flux.transformer``: nothing is downloaded, the model is built straight on the device in the run's dtype).
+On a CPU (``--quick``) the same code runs a Flux-shaped toy (``configs.FLUX_TINY``).
 
 Variants, one transformer step each (batch ``B`` images, 512 text tokens):
 
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 
 from . import harness as h
+from . import random_flux
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 VARIANTS = ("no_nag", "cfg", "nag_exact_torch", "nag_exact_triton", "nag_fast")
@@ -43,30 +42,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def model_config(quick: bool) -> tuple[str, dict, int]:
     return ("flux-tiny", FLUX_TINY, FLUX_TINY_TEXT_TOKENS) if quick else ("FLUX.1", FLUX1, FLUX1_TEXT_TOKENS)
-
-
-def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A FluxTransformer2DModel with random weights, built directly on ``device`` in ``dtype`` (no fp32 copy)."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
-    model = model.to(dtype)  # on meta: free
-    if device.type == "meta":
-        return model.eval()
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)  # unit-variance outputs for unit-variance inputs
-            elif name.endswith("weight"):
-                p.fill_(1.0)  # the only 1-D weights in Flux are norm scales (RMSNorm of q/k)
-            else:
-                p.zero_()  # biases
-        for name, b in model.named_buffers():  # FLUX.1 has none today; a future one must not stay uninitialised
-            raise RuntimeError(f"unexpected buffer {name} in FluxTransformer2DModel: the random init must handle it")
-    return model.eval()
 
 
 def image_ids(height_tokens: int, width_tokens: int, device) -> torch.Tensor:
@@ -126,16 +101,9 @@ def nag_applied(transformer, variant: str, device: torch.device):
         kw = dict(mode="exact", backend="triton")
     if variant == "nag_fast":
         kw = dict(mode="fast", backend="auto")
-    try:
-        apply_nag(transformer, **NAG_ARGS, **kw)
-    except NotImplementedError as exc:
-        raise h.Skip(f"NotImplementedError: {exc}") from None
+    apply_nag(transformer, **NAG_ARGS, **kw)
     try:
         yield
-    except NotImplementedError as exc:
-        if variant == "nag_fast":
-            raise h.Skip(f"NotImplementedError: {exc}") from None
-        raise
     finally:
         remove_nag(transformer)
 
@@ -351,7 +319,7 @@ def run(args, device: torch.device) -> h.Results:
     budget_left = (lambda: args.budget_s - (time.perf_counter() - start)) if args.budget_s else None
 
     t0 = time.perf_counter()
-    transformer, err = h.guarded(lambda: build_transformer(config, device, dtype), device)
+    transformer, err = h.guarded(lambda: random_flux.transformer(config, device, dtype), device)
     if err:
         h.log(f"building the transformer failed: {err.get('error') or err.get('reason')}")
         results.extra["build_error"] = err

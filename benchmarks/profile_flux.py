@@ -31,12 +31,12 @@ def main(argv=None) -> None:
 
     from nag_kernels import attention
 
-    from . import flux
+    from . import flux, random_flux
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name, config, text_tokens = flux.model_config(quick=args.quick)
-    transformer = flux.build_transformer(config, device, dtype)
+    transformer = random_flux.transformer(config, device, dtype)
     inputs = flux.make_inputs(config, args.resolution, text_tokens, 1, 2, dtype, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU

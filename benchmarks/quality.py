@@ -5,8 +5,7 @@ initial noise (a CPU ``torch.Generator`` seeded per image):
 
 - ``no_nag``: the stock pipeline call;
 - ``nag_exact``: ``apply_nag(pipe, mode="exact")``, the authors' semantics;
-- ``nag_fast``: ``apply_nag(pipe, mode="fast")``, the shared image stream (NAG.md section 4); recorded as
-  "not available" while the integration raises NotImplementedError for it.
+- ``nag_fast``: ``apply_nag(pipe, mode="fast")``, the shared image stream (NAG.md section 4).
 
 Per image: seconds per pipeline call; PSNR and SSIM (``image_metrics``, on the decoded ``[0, 1]`` float images) of
 fast vs exact and, as the scale of a difference NAG itself makes, exact vs no NAG and fast vs no NAG; with
@@ -26,7 +25,6 @@ import contextlib
 import json
 import math
 import statistics
-import string
 import textwrap
 import time
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ import torch
 
 from . import harness as h
 from . import image_metrics as im
-from .configs import FLUX_TINY
+from . import random_flux
 
 VARIANTS = ("no_nag", "nag_exact", "nag_fast")
 LABELS = {"no_nag": "no NAG", "nag_exact": "NAG exact", "nag_fast": "NAG fast"}
@@ -206,53 +204,9 @@ def load_prompts(path: str | None) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def tiny_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A ``FluxPipeline`` of random components built in code, nothing downloaded: character-level tokenizers, 2-layer
-    CLIP and T5 text encoders, a 2-level VAE (8x downsampling overall with the 2x2 packing) and the ``FLUX_TINY``
-    transformer from ``benchmarks.configs`` with the flux suite's random init."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
-
-    from .flux import build_transformer
-
-    symbols = string.ascii_lowercase + string.digits + ".,'-"
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in symbols:
-        clip_vocab[ch] = len(clip_vocab)
-        clip_vocab[ch + "</w>"] = len(clip_vocab)
-    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    # sentencepiece-style unigram vocabulary: a word-initial and an inner piece per character
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + ch, -1.0) for ch in symbols] + [(ch, -2.0) for ch in symbols]
-    t5_tok = T5Tokenizer(vocab=pieces, extra_ids=0)
-
-    torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=FLUX_TINY["pooled_projection_dim"], intermediate_size=64,
-        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1,
-    ))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=FLUX_TINY["joint_attention_dim"], d_ff=96, d_kv=16, num_layers=2,
-        num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-        latent_channels=FLUX_TINY["in_channels"] // 4, norm_num_groups=4, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.1, scaling_factor=0.5,
-    )
-    transformer = build_transformer(FLUX_TINY, torch.device("cpu"), torch.float32, seed=seed)
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=clip.eval(), tokenizer=clip_tok,
-        text_encoder_2=t5.eval(), tokenizer_2=t5_tok, transformer=transformer,
-    )
-    return pipe.to(dtype=dtype)
-
-
 def load_pipeline(settings: Settings, device: torch.device, offload: bool):
     if settings.tiny:
-        pipe = tiny_pipeline(settings.dtype).to(device)
+        pipe = random_flux.tiny_pipeline(settings.dtype).to(device)
     else:
         from diffusers import DiffusionPipeline
 
@@ -323,28 +277,13 @@ def load_clip(name: str | None, device: torch.device) -> tuple[ClipScorer | None
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class FastUnavailable(h.Skip):
-    """NAG fast mode raised NotImplementedError (at apply_nag or at the call): recorded as skipped, the run goes on."""
-
-
 @contextlib.contextmanager
 def nag_mode(pipe, mode: str, settings: Settings, api):
-    """``apply_nag(pipe, mode=mode)`` for the block, ``remove_nag`` after it; fast mode's NotImplementedError becomes
-    ``FastUnavailable``."""
+    """``apply_nag(pipe, mode=mode)`` for the block, ``remove_nag`` after it."""
     apply_nag, remove_nag = api
-    try:
-        apply_nag(pipe, mode=mode, **settings.nag)
-    except NotImplementedError as exc:
-        remove_nag(pipe)
-        if mode == "fast":
-            raise FastUnavailable(f"NotImplementedError: {exc}") from None
-        raise
+    apply_nag(pipe, mode=mode, **settings.nag)
     try:
         yield
-    except NotImplementedError as exc:
-        if mode == "fast":
-            raise FastUnavailable(f"NotImplementedError: {exc}") from None
-        raise
     finally:
         remove_nag(pipe)
 
@@ -464,7 +403,7 @@ def markdown(rows: list[dict], summary: dict, extra: dict) -> str:
         f"Model `{s['model']}`, {s['steps']} steps, guidance {s['guidance_scale']}, {s['height']}x{s['width']}, "
         f"{s['dtype']}, max_sequence_length {s['max_sequence_length']}, NAG scale {s['nag_scale']} tau {s['nag_tau']} "
         f"alpha {s['nag_alpha']}, seeds {', '.join(map(str, s['seeds']))}. {extra['clip_note']}. "
-        f"Fast mode: {extra['fast']}. Grid: `{extra.get('grid') or 'not written'}`.\n"
+        f"Grid: `{extra.get('grid') or 'not written'}`.\n"
     )
     head = ["variant", "images", "median s/image", "CLIP to prompt", "CLIP to NAG negative"]
     body = [[LABELS[v], d["images"], _f(d["median_seconds"], 2), _f(d["clip_prompt_mean"]),
@@ -490,8 +429,7 @@ def markdown(rows: list[dict], summary: dict, extra: dict) -> str:
 
         def pair(row, other):
             if row.get("status") != "ok" or row.get(f"psnr_vs_{other}") is None:
-                why = row.get("reason") or row.get("error") or "n/a"
-                return "fast: not available" if why.startswith("fast: not available") else why
+                return row.get("reason") or row.get("error") or "n/a"
             return f"{im.fmt_psnr(row[f'psnr_vs_{other}'])} / {_f(row[f'ssim_vs_{other}'])}"
 
         clip = " / ".join(_f(by_v.get(v, {}).get("clip_nag_negative")) for v in VARIANTS)
@@ -535,14 +473,12 @@ def run(args, device: torch.device) -> h.Results:
     clip, clip_note = load_clip(args.clip_model, device)
     results.extra["clip_model"] = args.clip_model
     results.extra["clip_note"] = clip_note
-    results.extra["fast"] = "not run yet"
     h.log(f"  loaded {results.extra['pipeline']} in {results.extra['load_s']}s; {clip_note}")
     images_dir = results.stem.parent / (results.stem.name + "-images")
     if args.save_images:
         images_dir.mkdir(exist_ok=True)
 
     budget = getattr(args, "budget_s", None)
-    fast_unavailable: str | None = None
     images: dict[tuple, torch.Tensor] = {}
     cases: list[dict] = []
     for pid, (prompt, negative) in enumerate(prompts):
@@ -557,11 +493,6 @@ def run(args, device: torch.device) -> h.Results:
                     case["missing"][v] = row["reason"]
                     results.add(row)
                     continue
-                if v == "nag_fast" and fast_unavailable:
-                    row.update(status="skipped", reason=f"fast: not available ({fast_unavailable})")
-                    case["missing"][v] = "fast: not available"
-                    results.add(row)
-                    continue
 
                 def make(v=v):
                     ctx = contextlib.nullcontext() if v == "no_nag" else nag_mode(pipe, MODES[v], settings, api)
@@ -573,14 +504,9 @@ def run(args, device: torch.device) -> h.Results:
                         return img, time.perf_counter() - start
 
                 made, err = h.guarded(make, device)
-                if err and v == "nag_fast" and err["status"] == "skipped":  # FastUnavailable (a Skip)
-                    fast_unavailable = err["reason"]
-                    h.log(f"  fast: not available ({fast_unavailable}); exact vs no NAG still measured")
-                    err = {"status": "skipped", "reason": f"fast: not available ({fast_unavailable})"}
                 if err:
                     row.update(err)
-                    case["missing"][v] = "fast: not available" if fast_unavailable and v == "nag_fast" else (
-                        row.get("reason") or row.get("error"))
+                    case["missing"][v] = row.get("reason") or row.get("error")
                 if made:
                     img, secs = made
                     images[(pid, seed, v)] = img
@@ -599,7 +525,6 @@ def run(args, device: torch.device) -> h.Results:
                         row["image"] = str(path)
                 results.add(row)
                 h.log("    " + progress_line(row))
-    results.extra["fast"] = f"not available ({fast_unavailable})" if fast_unavailable else "measured"
     summary = summarize(results.rows)
     results.extra["summary"] = summary
     grid = results.plot_path()
@@ -639,6 +564,6 @@ def summary_lines(summary: dict, extra: dict) -> list[str]:
                      f"(exact vs no NAG: PSNR {im.fmt_psnr(en['psnr_mean'])} dB, SSIM {_f(en['ssim_mean'])}) "
                      f"over {fe['pairs']} image pairs")
     else:
-        lines.append(f"quality: fast: {extra['fast']}; exact vs no NAG PSNR {im.fmt_psnr(en['psnr_mean'])} dB, "
+        lines.append(f"quality: no fast vs exact pairs; exact vs no NAG PSNR {im.fmt_psnr(en['psnr_mean'])} dB, "
                      f"SSIM {_f(en['ssim_mean'])} over {en['pairs']} image pairs")
     return lines
