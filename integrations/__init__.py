@@ -1,19 +1,34 @@
 """diffusers integration of nag-kernels (installed as ``nag_kernels.integrations``).
 
-``apply_nag(pipe)`` patches a stock diffusers pipeline (or its transformer) in place for Normalized Attention
-Guidance; ``remove_nag`` undoes it. ``NAGFluxPipeline`` / ``NAGFluxTransformer2DModel`` are drop-in names for the
-authors' classes.
+``apply_nag(pipe)`` patches a stock diffusers pipeline (or its model) in place for Normalized Attention Guidance;
+``remove_nag`` undoes it; ``with nag(pipe, ...):`` does both. ``NAGFluxPipeline`` / ``NAGFluxTransformer2DModel``
+are drop-in names for the authors' classes. Each model family is one module registering a ``Family``.
 """
 
 try:
-    import diffusers  # noqa: F401
+    import diffusers
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "nag_kernels.integrations needs diffusers: pip install 'nag-kernels[diffusers]'"
     ) from err
 
-from .api import apply_nag, remove_nag
-from .config import NAGConfig
-from .dropin import NAGFluxPipeline, NAGFluxTransformer2DModel
+from . import versions
 
-__all__ = ["NAGConfig", "NAGFluxPipeline", "NAGFluxTransformer2DModel", "apply_nag", "remove_nag"]
+versions.check(diffusers.__version__)
+
+from . import flux  # noqa: E402,F401  (registers FLUX.1)
+from .api import apply_nag, nag, remove_nag  # noqa: E402
+from .config import NAGConfig  # noqa: E402
+from .dropin import NAGFluxPipeline, NAGFluxTransformer2DModel  # noqa: E402
+from .registry import supported_models, supported_pipelines  # noqa: E402
+
+__all__ = [
+    "NAGConfig",
+    "NAGFluxPipeline",
+    "NAGFluxTransformer2DModel",
+    "apply_nag",
+    "nag",
+    "remove_nag",
+    "supported_models",
+    "supported_pipelines",
+]

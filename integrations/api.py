@@ -1,13 +1,20 @@
-"""``apply_nag`` / ``remove_nag``: one call on the user's pipeline or transformer, undone exactly."""
+"""``apply_nag`` / ``remove_nag`` / ``nag``: one call on the user's pipeline or model, undone exactly.
+
+This module knows no model: what differs per family comes from its ``Family`` (``family.py``, found through
+``registry.py``), the guided forward is ``guided.py``'s and the pipeline call ``pipeline.py``'s.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import flux  # noqa: F401  (registers FluxTransformer2DModel)
 from . import pipeline as _pipeline
 from .config import NAGConfig
-from .registry import handler_for, supported_pipelines
+from .guided import STATE_ATTR, NAGState, pre_hook, state_of
+from .forward_patch import parameter_names
+from .registry import family_for, family_for_pipeline, supported_pipelines
 
 
 def _is_pipeline(obj) -> bool:
@@ -24,63 +31,86 @@ def _check_not_compiled(model, where: str) -> None:
         )
 
 
+def _settings(family, pipeline_name: str | None, given: dict) -> NAGConfig:
+    """The family's recommended settings for the pipeline, overridden by the values the user gave."""
+    values = {**family.recommended(pipeline_name), **{k: v for k, v in given.items() if v is not None}}
+    config = NAGConfig(**values)
+    if config.mode not in family.modes:
+        raise ValueError(f"{family.name} supports mode in {family.modes}, got {config.mode!r}")
+    return config
+
+
 def _apply_model(model, config: NAGConfig, where: str) -> None:
     _check_not_compiled(model, where)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"apply_nag expects a diffusers pipeline or transformer, got {type(model).__name__}")
-    handler = handler_for(model)
-    if handler.is_applied(model):
-        handler.set_config(model, config)  # a second apply_nag updates the settings; it never stacks
-    else:
-        handler.apply(model, config)
+        raise TypeError(f"apply_nag expects a diffusers pipeline or model, got {type(model).__name__}")
+    family = family_for(model)
+    state = state_of(model)
+    if state is not None:  # a second apply_nag updates the settings and re-wraps processors set since; never stacks
+        _remove_model(model)
+    processors, patched = family.patch(model)
+    # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
+    # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+    names = parameter_names(type(model).forward)
+    setattr(model, STATE_ATTR, NAGState(family, config, processors, patched, handle, names))
+
+
+def _remove_model(model) -> None:
+    state: NAGState = state_of(model)
+    state.pre_hook.remove()
+    state.family.restore(model, state.processors, state.patched)
+    delattr(model, STATE_ATTR)
 
 
 def apply_nag(
     pipe_or_transformer,
     *,
-    nag_scale: float = 5.0,
-    nag_tau: float = 2.5,
-    nag_alpha: float = 0.25,
-    nag_end: float = 1.0,
+    nag_scale: float | None = None,
+    nag_tau: float | None = None,
+    nag_alpha: float | None = None,
+    nag_end: float | None = None,
     norm: str = "l1",
-    mode: str = "exact",
+    mode: str | None = None,
     backend: str = "auto",
 ):
-    """Patch a diffusers pipeline or transformer in place for Normalized Attention Guidance; returns the same object.
+    """Patch a diffusers pipeline or model in place for Normalized Attention Guidance; returns the same object.
 
-    On a pipeline (``FluxPipeline``, ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``, ``FluxFillPipeline``,
-    ``FluxControlPipeline``, ``FluxKontextPipeline``) the call accepts ``nag_negative_prompt``,
-    ``nag_negative_prompt_2``, ``nag_negative_prompt_embeds`` (``[1 | prompts | images, seq_len, 4096]``),
-    ``nag_negative_pooled_prompt_embeds`` (``[1 | prompts | images, 768]``) and ``nag_scale``/``nag_tau``/
-    ``nag_alpha``/``nag_end`` (overriding the values given here), besides every usual argument. NAG acts when a NAG
-    negative (or ``nag_scale``) is given and ``nag_scale > 1``; without NAG arguments the call is the stock call.
+    On a supported pipeline the call accepts the NAG-negative arguments of its family (FLUX.1:
+    ``nag_negative_prompt``, ``nag_negative_prompt_2``, ``nag_negative_prompt_embeds`` (``[1 | prompts | images,
+    seq_len, 4096]``), ``nag_negative_pooled_prompt_embeds`` (``[1 | prompts | images, 768]``)) and ``nag_scale`` /
+    ``nag_tau`` / ``nag_alpha`` / ``nag_end`` (overriding the values set here), besides every usual argument. NAG acts
+    when a NAG negative (or ``nag_scale``) is given and ``nag_scale > 1``; without NAG arguments the call is the stock
+    call. With true CFG, NAG guides the conditional pass only.
 
-    On a ``FluxTransformer2DModel``: a forward whose ``encoder_hidden_states`` ``[2B, T, 4096]`` and
-    ``pooled_projections`` ``[2B, 768]`` hold the positive rows then the NAG-negative rows, while ``hidden_states`` is
-    ``[B, N, 64]``, applies NAG and returns ``[B, N, 64]``; ``timestep``/``guidance`` may have ``B`` or ``2B`` rows;
-    ``joint_attention_kwargs`` keys ``nag_scale``, ``nag_tau``, ``nag_alpha``, ``nag_end`` override the values given
-    here. Equal batches are a plain forward.
+    On a model (e.g. ``FluxTransformer2DModel``): a forward whose text conditioning has ``2B`` rows (the positive
+    rows, then the NAG-negative rows; FLUX.1: ``encoder_hidden_states`` ``[2B, T, 4096]`` and ``pooled_projections``
+    ``[2B, 768]``) while the latents have ``B`` rows applies NAG and returns ``B`` rows; FLUX.1's ``timestep`` /
+    ``guidance`` may have ``B`` or ``2B`` rows; the attention kwargs (FLUX.1: ``joint_attention_kwargs``) keys
+    ``nag_scale``, ``nag_tau``, ``nag_alpha``, ``nag_end`` override the settings. Equal batches are a plain forward.
 
     Args:
         pipe_or_transformer: a supported diffusers pipeline, or its transformer. Not a torch.compiled one: apply
             first, compile afterwards.
-        nag_scale: extrapolation scale (>= 1; 1 turns NAG off; typical 3-11, 5 for Flux).
-        nag_tau: clamp of the norm ratio ``||z_guided|| / ||z_pos||`` (> 0; typical 2.5).
-        nag_alpha: blend of the guided and the positive attention output, in [0, 1] (typical 0.25).
-        nag_end: noise-level threshold in [0, 1]: NAG acts while the timestep ``t >= (1 - nag_end) * 1000``; 1.0
-            keeps it on for every step.
+        nag_scale: extrapolation scale (>= 1; 1 turns NAG off; typical 3-11). ``None``: the family's recommended
+            value for this pipeline (docs/spec.md, "Recommended settings"; FLUX.1: 5).
+        nag_tau: clamp of the norm ratio ``||z_guided|| / ||z_pos||`` (> 0). ``None``: recommended (FLUX.1: 2.5).
+        nag_alpha: blend of the guided and the positive attention output, in [0, 1]. ``None``: recommended
+            (FLUX.1: 0.25; SD3: 0.125; SDXL: 0.5).
+        nag_end: noise-level threshold in [0, 1]: NAG acts while the scheduler timestep ``t >= (1 - nag_end) *
+            1000``. ``None``: recommended (1.0 = every step; FLUX.1 Kontext: 0.25).
         norm: ``"l1"`` (the paper's) or ``"l2"`` (the authors' diffusers Flux file).
-        mode: ``"exact"`` (the authors' semantics, NAG.md section 3: the single-stream blocks run at ``2B`` image
-            rows, ~1.7x the FLOPs of a plain step at 1024x1024) or ``"fast"`` (NAG.md section 4: the image stream
-            stays at ``B`` rows in every block, only the text tokens are duplicated; image queries attend once over
-            the image keys and per branch over the text keys, LSE-merged with the NAG combine fused in; ~1.1x).
-            Fast mode equals exact mode in the double-stream blocks and is a different, cheaper definition in the
-            single-stream blocks; its image quality against exact mode is not yet measured on real weights.
-            Fast mode supports no attention mask and no context parallelism.
+        mode: ``"exact"`` (the authors' semantics, docs/spec.md "Exact mode on FLUX.1": FLUX.1's single-stream
+            blocks run at ``2B`` image rows, ~1.7x the FLOPs of a plain step at 1024x1024) or ``"fast"`` ("Fast
+            mode": the image stream stays at ``B`` rows in every block, only the text tokens are duplicated; image
+            queries attend once over the image keys and per branch over the text keys, LSE-merged with the NAG
+            combine fused in; ~1.1x). On FLUX.1 fast mode equals exact mode in the double-stream blocks and is a
+            different, cheaper definition in the single-stream blocks. ``None``: the family's default.
         backend: kernel backend for ``nag_kernels.nag`` / ``nag_kernels.nag_merge``: ``"auto"``, ``"triton"`` or
             ``"torch"``.
 
-    Applying twice updates the settings, the mode included (it never stacks); ``remove_nag`` undoes everything.
+    Applying twice updates the settings, the mode included (it never stacks); ``remove_nag`` undoes everything;
+    ``with nag(pipe, ...):`` does both.
 
     Example::
 
@@ -92,30 +122,37 @@ def apply_nag(
         >>> image = pipe(
         ...     "Portrait of AI researcher.",
         ...     nag_negative_prompt="Glasses.",
-        ...     nag_scale=5.0,
         ...     guidance_scale=0.0,
         ...     num_inference_steps=4,
         ...     max_sequence_length=256,
         ... ).images[0]
     """
-    config = NAGConfig(nag_scale, nag_tau, nag_alpha, nag_end, norm, mode, backend)
+    given = dict(scale=nag_scale, tau=nag_tau, alpha=nag_alpha, end=nag_end, norm=norm, mode=mode, backend=backend)
     if _is_pipeline(pipe_or_transformer):
         pipe = pipe_or_transformer
         name = _pipeline.stock_class(pipe).__name__
-        transformer = getattr(pipe, "transformer", None)
-        if transformer is None:
-            raise TypeError(f"NAG does not support {name}; supported pipelines: {', '.join(supported_pipelines())}")
-        _check_not_compiled(transformer, f"{name}.transformer")
-        handler = handler_for(transformer)
-        if name not in handler.pipelines:
-            raise TypeError(
-                f"NAG does not support {name} yet; supported pipelines: {', '.join(handler.pipelines)}"
-            )
-        _apply_model(transformer, config, f"{name}.transformer")
+        family = family_for_pipeline(name)
+        if family is None:
+            raise TypeError(f"NAG does not support {name} yet; supported pipelines: {', '.join(supported_pipelines())}")
+        config = _settings(family, name, given)
+        models = [(attr, getattr(pipe, attr, None)) for attr in family.guided_models]
+        models = [(attr, model) for attr, model in models if model is not None]
+        if not models:
+            raise TypeError(f"{name} has none of {family.guided_models}; NAG has nothing to patch")
+        for attr, model in models:
+            _check_not_compiled(model, f"{name}.{attr}")
+            if family_for(model) is not family:
+                raise TypeError(f"{name}.{attr} is a {type(model).__name__}, which {family.name}'s NAG does not patch")
+        for attr, model in models:
+            _apply_model(model, config, f"{name}.{attr}")
         _pipeline.patch(pipe)
         return pipe
-    _apply_model(pipe_or_transformer, config, type(pipe_or_transformer).__name__)
-    return pipe_or_transformer
+    model = pipe_or_transformer
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"apply_nag expects a diffusers pipeline or model, got {type(model).__name__}")
+    _check_not_compiled(model, type(model).__name__)
+    _apply_model(model, _settings(family_for(model), None, given), type(model).__name__)
+    return model
 
 
 def remove_nag(pipe_or_transformer):
@@ -124,16 +161,45 @@ def remove_nag(pipe_or_transformer):
     Afterwards the outputs are bit-identical to a never-patched model. A no-op on an object that is not patched.
     """
     obj = pipe_or_transformer
+    models = _models_of(obj)
     if _is_pipeline(obj):
         _pipeline.unpatch(obj)
-        model = getattr(obj, "transformer", None)
-    else:
-        model = obj
-    if isinstance(model, torch.nn.Module):
-        try:
-            handler = handler_for(model)
-        except TypeError:
-            return obj
-        if handler.is_applied(model):
-            handler.remove(model)
+    for model in models:
+        if isinstance(model, torch.nn.Module) and state_of(model) is not None:
+            _remove_model(model)
     return obj
+
+
+@contextlib.contextmanager
+def nag(pipe_or_transformer, **settings):
+    """``apply_nag(pipe_or_transformer, **settings)`` for the duration of a ``with`` block, undone on exit.
+
+    On an object that was already patched, the exit restores its earlier settings instead of removing NAG.
+
+    Example::
+
+        >>> with nag(pipe, nag_scale=7.0):
+        ...     image = pipe("a cat", nag_negative_prompt="blurry").images[0]
+        >>> image = pipe("a cat").images[0]  # the stock pipeline again
+    """
+    obj = pipe_or_transformer
+    models = _models_of(obj)
+    before = {id(model): state_of(model).config for model in models if state_of(model) is not None}
+    apply_nag(obj, **settings)
+    try:
+        yield obj
+    finally:
+        if not before:
+            remove_nag(obj)
+        else:
+            for model in _models_of(obj):
+                if id(model) in before and state_of(model) is not None:
+                    state_of(model).config = before[id(model)]
+
+
+def _models_of(obj) -> list:
+    if not _is_pipeline(obj):
+        return [obj]
+    family = family_for_pipeline(_pipeline.stock_class(obj).__name__)
+    names = family.guided_models if family is not None else ("transformer",)
+    return [m for m in (getattr(obj, attr, None) for attr in names) if isinstance(m, torch.nn.Module)]

@@ -24,7 +24,7 @@ def _check_real(name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class NAGConfig:
-    """NAG parameters (NAG.md sections 1, 3 and 4).
+    """NAG parameters (docs/spec.md, "The combine", "Exact mode on FLUX.1", "Fast mode").
 
     Attributes:
         scale: extrapolation scale ``nag_scale`` (>= 1; 1 turns NAG off).
@@ -32,7 +32,7 @@ class NAGConfig:
         alpha: blend weight in [0, 1].
         end: ``nag_end`` in [0, 1]: NAG is on while the timestep ``t >= (1 - end) * 1000``.
         norm: ``"l1"`` (the paper's) or ``"l2"`` (the authors' diffusers Flux file).
-        mode: ``"exact"`` (the authors' layout, NAG.md section 3) or ``"fast"`` (shared image stream, section 4).
+        mode: ``"exact"`` (the authors' layout) or ``"fast"`` (shared image stream); see docs/spec.md.
         backend: kernel backend passed to ``nag_kernels.nag`` / ``nag_merge``: ``"auto"``, ``"triton"`` or ``"torch"``.
     """
 

@@ -1,16 +1,6 @@
-"""The split image-query attention (both modes' double blocks) and the fast-mode single block (NAG.md section 4).
+"""FLUX.1's fast-mode single block (docs/spec.md, "Fast mode"), and FLUX.1's RoPE split for the split attention.
 
-For an image query, attention over ``[text_b ; image]`` is exactly the log-sum-exp merge of its attention over the
-image keys (the same in both branches: computed once, batch ``B``) and over branch ``b``'s text keys (batch ``2B``,
-``T`` keys). ``image_attention`` computes both parts with ``nag_kernels.attention_with_lse`` (PyTorch's SDPA kernels
-that return the LSE) and merges + NAG-combines them in one ``nag_kernels.nag_merge`` call. At 4096 image and 512 text
-tokens this is ``N^2 + 2NT`` instead of ``2N(N + T)`` query-key pairs for the image queries.
-
-Why not diffusers' ``dispatch_attention_fn(..., return_lse=True)``: in diffusers 0.42 the native backends (the
-default ``"native"``, ``"_native_math"``, ``"_native_efficient"``) raise on ``return_lse``, and the LSE-capable ones
-(flash-attn, sage, xformers, flex) cannot run on the machines these tests run on, so their LSE layout is unverified
-here. The split parts therefore always use ``attention_with_lse``; the text queries (``T`` of them per branch) go
-through ``dispatch_attention_fn`` with the user's attention backend.
+The split image attention itself is ``split_attention.image_attention`` (shared by every family).
 
 Fast single block (``fast_single_block``), with image ``x [B, N, C]``, text ``c [2B, T, C]`` (positive rows, then
 NAG-negative rows) and ``temb [2B, C]``:
@@ -25,29 +15,14 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-import nag_kernels
-from nag_kernels.attention import attention_with_lse
+from .split_attention import branch_join, heads, image_attention
 
 
 def qkv(attn, x: torch.Tensor):
-    """Q, K, V projections ``[..., C]`` of ``x`` by ``attn`` (fused ``to_qkv`` when the model has fused them)."""
-    if attn.fused_projections:
-        return attn.to_qkv(x).chunk(3, dim=-1)
-    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
-
-
-def added_qkv(attn, x: torch.Tensor):
-    """The text-stream (``add_*_proj``) Q, K, V projections of a double block's attention."""
-    if attn.fused_projections and hasattr(attn, "to_added_qkv"):
-        return attn.to_added_qkv(x).chunk(3, dim=-1)
-    return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
-
-
-def heads(attn, q, k, v, norm_q, norm_k):
-    """``[B, S, C]`` projections -> ``[B, S, H, D]`` with the QK RMS norms applied."""
-    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-    return norm_q(q), norm_k(k), v
+    """Q, K, V projections ``[..., C]`` of ``x`` by ``attn`` (diffusers' own helper: fused ``to_qkv`` or not)."""
+    return _get_qkv_projections(attn, x)[:3]
 
 
 def split_rope(image_rotary_emb, text_len: int):
@@ -69,58 +44,6 @@ def rope(x: torch.Tensor, table) -> torch.Tensor:
     return x if table is None else apply_rotary_emb(x, table, sequence_dim=1)
 
 
-def branch_join(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """``[text_b ; image]`` along the sequence for both branches, with the image rows shared.
-
-    ``text [2B, T, ...]`` (positive rows, then NAG-negative rows) and ``image [B, N, ...]`` -> ``[2B, T + N, ...]``,
-    equal to ``torch.cat([text, torch.cat([image, image])], dim=1)`` but written once: the nested ``cat`` writes the
-    image rows twice (``2B * N`` rows to a temporary, then again to the result).
-    """
-    batch, text_len = image.shape[0], text.shape[1]
-    out = text.new_empty((text.shape[0], text_len + image.shape[1], *text.shape[2:]))
-    out[:, :text_len] = text
-    out[:, text_len:].unflatten(0, (2, batch)).copy_(image)  # broadcast over the two branches
-    return out
-
-
-def merge_backend(nag, dtype: torch.dtype) -> str:
-    """The ``nag_merge`` backend for ``nag.backend``: the fused kernel has no float64 path, so "auto" means torch."""
-    if nag.backend == "auto" and dtype == torch.float64:
-        return "torch"
-    return nag.backend
-
-
-def image_attention(q, k, v, text_k, text_v, nag) -> torch.Tensor:
-    """NAG-combined attention of the image queries over ``[text_b ; image]`` for both branches, split and merged.
-
-    Args:
-        q, k, v: image queries/keys/values ``[B, N, H, D]`` (RoPE applied), shared by both branches.
-        text_k, text_v: text keys/values ``[2B, T, H, D]``, positive rows then NAG-negative rows (RoPE applied).
-        nag: the call's ``NAGForward`` (scale, tau, alpha, norm, backend).
-
-    Returns:
-        ``[B, N, H * D]`` in q's dtype: ``nag(attn_pos, attn_neg)`` where ``attn_b`` is the attention of ``q`` over
-        ``[text_b ; image]``, computed as the LSE merge of ``q`` over the image keys (once) and over ``text_b``.
-    """
-    batch = q.shape[0]
-    o_image, lse_image = attention_with_lse(q, k, v)  # [B, N, H, D], [B, N, H]
-    o_text, lse_text = attention_with_lse(torch.cat([q, q]), text_k, text_v)  # [2B, N, H, D]
-    out = nag_kernels.nag_merge(
-        o_image,
-        lse_image,
-        o_text[:batch],
-        lse_text[:batch],
-        o_text[batch:],
-        lse_text[batch:],
-        nag.scale,
-        nag.tau,
-        nag.alpha,
-        norm=nag.norm,
-        backend=merge_backend(nag, q.dtype),
-    )
-    return out.flatten(2, 3).to(q.dtype)
-
-
 def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag):
     """Fast-mode attention of a single block (``pre_only`` ``FluxAttention``, one set of projections for all tokens).
 
@@ -134,8 +57,8 @@ def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag):
         ``(image_out [B, N, C], text_out [2B, T, C])`` before ``proj_out``.
     """
     text_rope, image_rope = split_rope(image_rotary_emb, text.shape[1])
-    q, k, v = heads(attn, *qkv(attn, image), attn.norm_q, attn.norm_k)
-    tq, tk, tv = heads(attn, *qkv(attn, text), attn.norm_q, attn.norm_k)
+    q, k, v = heads(attn.head_dim, *qkv(attn, image), attn.norm_q, attn.norm_k)
+    tq, tk, tv = heads(attn.head_dim, *qkv(attn, text), attn.norm_q, attn.norm_k)
     q, k = rope(q, image_rope), rope(k, image_rope)
     tq, tk = rope(tq, text_rope), rope(tk, text_rope)
     text_out = attend(tq, branch_join(tk, k), branch_join(tv, v))

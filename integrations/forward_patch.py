@@ -3,19 +3,19 @@
 diffusers' ``HookRegistry`` wraps each module's ``forward`` in its own ``functools.partial``. Dynamo guards a patched
 ``forward`` by identity, so under regional compilation (``module.compile()`` on each repeated block, diffusers'
 ``compile_repeated_blocks``) every block recompiled once, and past ``torch._dynamo.config.recompile_limit`` (8) the
-remaining blocks silently ran eagerly: an H200 run of FLUX.1 with 19 double blocks logged exactly that
-(``benchmarks/results/h200-20261127-run2/gpu_suite.log``). A ``forward`` that is a bound method of one shared
+remaining blocks silently ran eagerly (FLUX.1 has 19 double and 38 single blocks). A ``forward`` that is a bound method of one shared
 function is guarded on that function (``__func__``), which all blocks share, and per-module settings stored as plain
 attributes are guarded by value, so identical blocks reuse one graph.
 
 A module keeps whatever ``forward`` it had before (another library's wrapper, or the class's own, bound) in
 ``PREVIOUS`` and the shared function calls it through ``call_previous``. ``unpatch`` restores it when ours is still
 the outermost ``forward``; if something wrapped the module after us, ours stays in that chain and must be a
-pass-through when NAG is off (the Flux ones are: they act only on a guided forward's shapes and record).
+pass-through when NAG is off (NAG's are: they act only on a guided forward's shapes and record).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Callable
 
@@ -63,3 +63,16 @@ def unpatch(module: torch.nn.Module, fn: Callable, settings: tuple[str, ...] = (
     for name in settings:
         module.__dict__.pop(name, None)
     return True
+
+
+def parameter_names(fn) -> tuple[str, ...]:
+    return tuple(name for name in inspect.signature(fn).parameters if name != "self")
+
+
+def patch_forward(module: torch.nn.Module, fn: Callable, patched: list, **settings) -> None:
+    """``patch`` that also records the parameter names of the ``forward`` that ``fn`` will call (attribute
+    ``_nag_names``, for ``fn`` to read positional arguments by name) and appends ``(module, fn)`` to ``patched``."""
+    if not is_patched(module):  # else ours is still in its chain, with its names (see unpatch)
+        settings["_nag_names"] = parameter_names(module.forward)
+    patch(module, fn, **settings)
+    patched.append((module, fn))

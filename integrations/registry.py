@@ -1,52 +1,60 @@
-"""Per-model knowledge: which handler patches which model class, and which pipelines a handler drives.
+"""Which family patches which model class, and which pipelines each family drives.
 
-A handler is an object with ``apply(model, config)``, ``remove(model)``, ``is_applied(model)``, ``set_config(model,
-config)`` and a ``pipelines`` tuple of supported pipeline class names. Adding a model (SD3.5, Wan, ...) is one
-``register_model`` call in that model's module; nothing here changes.
+Adding a model family is one ``register_family`` call in that family's module (and its import in ``__init__.py``);
+nothing here changes. Unknown classes get a ``TypeError`` naming every supported one.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
+from .family import Family
 
-class ModelHandler(Protocol):
-    name: str
-    pipelines: tuple[str, ...]
-
-    def apply(self, model: torch.nn.Module, config) -> None: ...
-
-    def remove(self, model: torch.nn.Module) -> None: ...
-
-    def is_applied(self, model: torch.nn.Module) -> bool: ...
-
-    def set_config(self, model: torch.nn.Module, config) -> None: ...
+_FAMILIES: dict[type, Family] = {}
 
 
-_HANDLERS: dict[type, ModelHandler] = {}
+def register_family(family: Family) -> None:
+    """Register ``family`` for each of its model classes (exact classes; subclasses are found through the MRO)."""
+    for model_cls in family.models:
+        _FAMILIES[model_cls] = family
 
 
-def register_model(model_cls: type, handler: ModelHandler) -> None:
-    """Register ``handler`` for ``model_cls`` (exact class; subclasses are looked up through the MRO)."""
-    _HANDLERS[model_cls] = handler
+def register_model(model_cls: type, family: Family) -> None:
+    """Register ``family`` for one more model class."""
+    _FAMILIES[model_cls] = family
+
+
+def families() -> list[Family]:
+    seen: dict[int, Family] = {}
+    for family in _FAMILIES.values():
+        seen.setdefault(id(family), family)
+    return list(seen.values())
 
 
 def supported_models() -> list[str]:
-    return sorted(cls.__name__ for cls in _HANDLERS)
+    return sorted(cls.__name__ for cls in _FAMILIES)
 
 
 def supported_pipelines() -> list[str]:
-    return sorted({name for handler in _HANDLERS.values() for name in handler.pipelines})
+    return sorted({name for family in families() for name in family.pipelines})
 
 
-def handler_for(model: torch.nn.Module) -> ModelHandler:
-    """The handler for ``model``'s class, or a ``TypeError`` naming every supported class."""
+def family_for(model: torch.nn.Module) -> Family:
+    """The family of ``model``'s class, or a ``TypeError`` naming every supported class."""
     for cls in type(model).__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
+        if cls in _FAMILIES:
+            return _FAMILIES[cls]
     raise TypeError(
         f"NAG does not support {type(model).__name__} yet; supported models: {', '.join(supported_models())} "
         f"(pipelines: {', '.join(supported_pipelines())})"
     )
+
+
+def family_for_pipeline(name: str) -> Family | None:
+    for family in families():
+        if name in family.pipelines:
+            return family
+    return None
+
+
+handler_for = family_for  # the earlier name

@@ -1,6 +1,6 @@
 """Attention that also returns the log-sum-exp of the scores, from PyTorch's own SDPA kernels.
 
-Fast mode (NAG.md section 4) splits the attention of the image queries into a part over the shared keys and a part
+Fast mode (docs/spec.md, "Fast mode") splits the attention of the image queries into a part over the shared keys and a part
 per branch, and merges them with ``nag_merge``; each part must come with its LSE. ``attention_with_lse`` returns
 both for ``[B, S, H, D]`` inputs (diffusers' layout)::
 

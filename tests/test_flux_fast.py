@@ -170,7 +170,7 @@ def test_pipelines_run_fast_mode(cls):
     plain = pipe(generator=gen(), **kw).images
     forward = reference_forward(pipe.transformer, negative_embeds(pipe, "blurry dog"), mode="fast")
     expected = run_reference(pipe, forward, generator=gen(), **kw)
-    apply_nag(pipe, mode="fast", backend="torch")
+    apply_nag(pipe, mode="fast", backend="torch", nag_end=1.0)  # Kontext's recommended nag_end is 0.25
     out = pipe(nag_negative_prompt="blurry dog", generator=gen(), **kw).images
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     assert (out - plain).abs().max() > 1e-5

@@ -89,7 +89,7 @@ def test_every_flux_pipeline_matches_the_authors_algorithm(cls):
     plain = pipe(generator=gen(), **kw).images
     forward = reference_forward(pipe.transformer, negative_embeds(pipe, "blurry dog"))
     expected = run_reference(pipe, forward, generator=gen(), **kw)
-    apply_nag(pipe, backend="torch")
+    apply_nag(pipe, backend="torch", nag_end=1.0)  # Kontext's recommended nag_end is 0.25
     out = pipe(nag_negative_prompt="blurry dog", generator=gen(), **kw).images
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     assert (out - plain).abs().max() > 1e-5
@@ -235,9 +235,9 @@ def test_bad_input_gets_clear_errors_and_the_pipeline_stays_usable():
         (dict(nag_negative_prompt_embeds=embeds.repeat(3, 1, 1), nag_negative_pooled_prompt_embeds=pooled.repeat(3, 1)),
          "nag_negative_prompt_embeds must have batch 1, 1 .* got 3"),
         (dict(nag_negative_prompt_embeds=embeds[:, :5], nag_negative_pooled_prompt_embeds=pooled),
-         r"\(seq_len, width\) = \(8, 32\)"),
+         r"nag_negative_prompt_embeds must have the per-row shape \(8, 32\)"),
         (dict(nag_negative_prompt_embeds=embeds[..., :16], nag_negative_pooled_prompt_embeds=pooled),
-         r"\(seq_len, width\) = \(8, 32\)"),
+         r"nag_negative_prompt_embeds must have the per-row shape \(8, 32\)"),
         (dict(nag_negative_prompt_embeds=embeds), "must be given together"),
         (dict(nag_negative_prompt="blurry", nag_end=1.5), "nag_end must be in"),
         (dict(nag_negative_prompt="blurry", nag_scale=0.5), "nag_scale must be >= 1"),
@@ -246,7 +246,7 @@ def test_bad_input_gets_clear_errors_and_the_pipeline_stays_usable():
     for nag, message in bad:
         with pytest.raises(ValueError, match=message):
             pipe("a red cat", **nag, **kw)
-        assert "encode_prompt" not in pipe.__dict__ and pipe.transformer._nag_state.run is None
+        assert "encode_prompt" not in pipe.__dict__ and pipe.transformer._nag_state.call_config is None
     assert torch.equal(pipe("a red cat", nag_negative_prompt="blurry", **kw).images, expected)
     assert torch.equal(pipe("a red cat", **kw).images, plain)
 

@@ -171,14 +171,17 @@ def test_triton_backend_through_the_interpreter():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_unwrappable_processor_and_unknown_model_get_clear_errors():
+def test_unwrappable_processor_refuses_guided_calls_only_and_unknown_model_gets_a_clear_error():
     model = flux_toy.transformer().double()
     name = "transformer_blocks.0.attn"
-    model.get_submodule(name).set_processor(FluxIPAdapterAttnProcessor(32, 32).double())
-    before = dict(model.attn_processors)
-    with pytest.raises(TypeError, match=f"{name} uses FluxIPAdapterAttnProcessor"):
-        apply_nag(model)
-    assert model.attn_processors == before and not model._forward_pre_hooks  # nothing half-applied
+    ip = FluxIPAdapterAttnProcessor(32, 32).double()
+    model.get_submodule(name).set_processor(ip)
+    apply_nag(model, backend="torch")
+    assert model.get_submodule(name).processor is ip  # left alone: NAG wraps the stock processors only
+    with pytest.raises(RuntimeError, match=f"{name} uses FluxIPAdapterAttnProcessor"):
+        run(model, inputs())
+    remove_nag(model)
+    assert model.get_submodule(name).processor is ip and not model._forward_pre_hooks
     with pytest.raises(TypeError, match="supported models: FluxTransformer2DModel"):
         apply_nag(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="mode must be one of"):

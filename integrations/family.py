@@ -1,0 +1,97 @@
+"""What differs between model families, declared in one place per family.
+
+A ``Family`` names the model classes it patches, the token order of its joint sequence, where NAG acts, the names
+of the conditioning arguments of its forward (``guided.pre_hook`` reads them), its recommended settings per
+pipeline, the pipelines it drives, how it patches a model (``patch`` / ``restore``) and how its pipelines encode a
+NAG negative (``prompts``, a ``pipeline.PromptAdapter``). A new family is one module that builds a ``Family`` and
+calls ``registry.register_family``; the core (``api.py``, ``guided.py``, ``pipeline.py``) does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+TOKEN_ORDERS = ("text_first", "image_first", "cross_attention")
+
+
+@dataclasses.dataclass(eq=False)
+class Family:
+    """One model family.
+
+    Attributes:
+        name: the family's name in messages and docs, e.g. ``"FLUX.1"``.
+        models: the diffusers model classes it patches.
+        token_order: ``"text_first"`` (joint sequence ``[text, image]``), ``"image_first"`` (``[image, text]``) or
+            ``"cross_attention"`` (image queries, text keys/values only).
+        acts_in: where NAG acts, in words (shown by ``describe``).
+        patch: ``patch(model) -> (processors, patched)``: installs the family's processors and forward patches;
+            returns the processors it replaced (attention module name -> processor) and the ``(module, function)``
+            pairs it patched with ``forward_patch``.
+        restore: ``restore(model, processors, patched)``: undoes ``patch``.
+        prompts: the pipeline adapter (``pipeline.PromptAdapter``): how a NAG negative is encoded and appended to
+            the conditional call's text conditioning.
+        pipelines: supported pipeline class name -> the recommended settings that differ from ``defaults`` there
+            (e.g. ``{"FluxKontextPipeline": {"end": 0.25}}``).
+        defaults: recommended ``NAGConfig`` fields for the family (``scale``, ``tau``, ``alpha``, ``end``, ``mode``).
+        guided_models: the pipeline attributes holding models this family guides (``("transformer",)``; Wan 2.2 A14B
+            has two experts).
+        latents, text: forward arguments holding the latents (batch ``B``) and the text conditioning (``2B`` rows in
+            a guided forward).
+        per_branch: other forward arguments with one row per text row (``2B`` in a guided forward), e.g. FLUX.1's
+            ``pooled_projections``.
+        expand: forward arguments given with ``B`` or ``2B`` rows that a guided forward needs at ``2B`` (FLUX.1:
+            ``timestep``, ``guidance``, since its text stream is modulated per branch).
+        timestep, timestep_scale: the timestep argument and the factor that maps it to a scheduler timestep in
+            [0, 1000] (FLUX.1 passes ``t / 1000``: 1000).
+        attention_kwargs: the forward argument through which the ``NAGForward`` record reaches the processors.
+        modes: the modes the family implements.
+        check: optional ``check(model, kw, batch)`` raising a clear error on a guided forward's inputs that the batch rule
+            alone does not catch.
+    """
+
+    name: str
+    models: tuple[type, ...]
+    token_order: str
+    acts_in: str
+    patch: Callable
+    restore: Callable
+    prompts: object
+    pipelines: dict[str, dict]
+    defaults: dict = dataclasses.field(default_factory=dict)
+    guided_models: tuple[str, ...] = ("transformer",)
+    latents: str = "hidden_states"
+    text: str = "encoder_hidden_states"
+    per_branch: tuple[str, ...] = ()
+    expand: tuple[str, ...] = ()
+    timestep: str = "timestep"
+    timestep_scale: float = 1.0
+    attention_kwargs: str | None = "joint_attention_kwargs"
+    modes: tuple[str, ...] = ("exact", "fast")
+    check: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
+
+    def recommended(self, pipeline: str | None = None) -> dict:
+        """The recommended settings (``NAGConfig`` field -> value) for ``pipeline`` (a class name) or the model."""
+        return {**self.defaults, **self.pipelines.get(pipeline or "", {})}
+
+    def check_guided(self, model, kw: dict, batch: int) -> None:
+        if self.check is not None:
+            self.check(model, kw, batch)
+
+    def text_len(self, text) -> int:
+        return text.shape[1]
+
+    def deliver(self, kw: dict, extra: dict, record) -> None:
+        """Hand the guided forward's ``NAGForward`` record to the processors (through the attention kwargs)."""
+        extra["nag"] = record
+        kw[self.attention_kwargs] = extra
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} ({', '.join(m.__name__ for m in self.models)}): NAG acts in {self.acts_in}; "
+            f"pipelines: {', '.join(self.pipelines)}"
+        )
