@@ -46,6 +46,9 @@ class Family:
             [0, 1000] (FLUX.1 passes ``t / 1000``: 1000).
         attention_kwargs: the forward argument through which the ``NAGForward`` record reaches the processors.
         modes: the modes the family implements.
+        batched_cfg: whether the family's pipelines batch CFG's unconditional and conditional rows into one call
+            (SDXL, SD3): then a call with ``L`` latent rows and ``L + g`` text rows (``0 < g < L``) is guided on its
+            last ``g`` latent rows, whose NAG-negative text rows are the last ``g`` (``NAGForward.guided``).
         check: optional ``check(model, kw, batch)`` raising a clear error on a guided forward's inputs that the batch rule
             alone does not catch.
     """
@@ -68,6 +71,7 @@ class Family:
     timestep_scale: float = 1.0
     attention_kwargs: str | None = "joint_attention_kwargs"
     modes: tuple[str, ...] = ("exact", "fast")
+    batched_cfg: bool = False
     check: Callable | None = None
 
     def __post_init__(self) -> None:

@@ -41,6 +41,12 @@ class NAGForward:
     norm: str
     backend: str
     mode: str = "exact"
+    guided: int | None = None  # batched CFG (families with ``batched_cfg``): only the last ``guided`` latent rows
+
+    @property
+    def guided_rows(self) -> int:
+        """How many latent rows are guided: all ``batch`` of them, or the last ``guided`` under batched CFG."""
+        return self.batch if self.guided is None else self.guided
 
 
 @dataclasses.dataclass
@@ -136,6 +142,8 @@ def pre_hook(module, args, kwargs):
     text_rows = rows(text)
     if text_rows is None or text_rows == batch:
         return (), kw  # plain forward
+    if family.batched_cfg and batch < text_rows < 2 * batch:
+        return _batched_cfg(family, config, kw, extra, batch, text_rows - batch)
     if text_rows != 2 * batch:
         raise ValueError(
             f"{family.text} must have the batch of {family.latents} ({batch}, a plain forward) or twice it "
@@ -157,6 +165,22 @@ def pre_hook(module, args, kwargs):
             kw[name] = doubled(name, kw[name], batch)
     record = NAGForward(
         batch, family.text_len(text), config.scale, config.tau, config.alpha, config.norm, config.backend, config.mode
+    )
+    family.deliver(kw, extra, record)
+    return (), kw
+
+
+def _batched_cfg(family, config: NAGConfig, kw: dict, extra: dict, batch: int, guided: int):
+    """A call whose latents hold CFG's unconditional and conditional rows together (``batch`` rows) and whose text
+    holds one row per latent row followed by the NAG-negative rows of the last ``guided`` latent rows (the
+    conditional ones): only those are guided; the unconditional rows run plain."""
+    if not is_on(config, kw.get(family.timestep), family.timestep_scale):
+        kw[family.text] = kw[family.text][:batch]
+        return (), kw
+    text = kw[family.text]
+    record = NAGForward(
+        batch, family.text_len(text), config.scale, config.tau, config.alpha, config.norm, config.backend,
+        config.mode, guided,
     )
     family.deliver(kw, extra, record)
     return (), kw
