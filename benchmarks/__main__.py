@@ -1,49 +1,49 @@
-"""Command line of the benchmark suites: ``python -m benchmarks [kernel] [flux] [flops] [quality] [options]``."""
+"""Command line of the benchmark suites: ``python -m benchmarks SUITE [SUITE ...] [options]``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
 import time
 
-SUITES = ("kernel", "flux", "flops", "quality")
-# ``all``: the suites that run on random weights. quality needs a real model (--model) to say anything, so it runs
-# only when named.
-ALL_SUITES = ("kernel", "flux", "flops")
+from .suites import ALL_SUITES, SUITES, module
 
-EPILOG = """\
-suites:
-  kernel  the NAG combine alone at model shapes: eager nag_reference, the authors' formula, torch.compile,
-          nag(backend="torch"), the Triton kernel and its in-place form; ms, GB/s, share of copy bandwidth,
-          speedups, peak extra memory, and the pass/fail targets of issue 2.
-  flux    one FLUX.1-size transformer step with random weights: no NAG, true CFG, NAG exact (PyTorch combine /
-          Triton kernel), NAG fast; eager and torch.compile'd; ms per step, overhead, peak memory.
-  flops   the same configurations counted on the meta device with FlopCounterMode: TFLOP per step, ratio to no NAG.
-  quality images of a real Flux pipeline (--model) for fixed prompts with NAG negatives: no NAG, NAG exact, NAG fast
-          from the same seeds; PSNR/SSIM of fast vs exact (and exact vs no NAG), CLIP similarity to the prompt and
-          the NAG negative with --clip-model; an image grid PNG. Not part of "all" (it needs real weights); without
-          a GPU and --model it runs a tiny random-weight pipeline (--tiny) whose figures are meaningless.
-
-Without a GPU, kernel and flux run small shapes (--quick is the default there); flops always runs at full size.
+EXAMPLES = """\
+Without a GPU, kernel, flux and profile run small shapes (--quick is the default there); flops always counts the
+full-size models. Exit status: 0 when every suite ran, 1 when one failed, 3 when none failed but one needs a CUDA GPU
+that is not here.
 Examples:
   python -m benchmarks kernel --quick
   python -m benchmarks kernel --shapes flux-1024-b1,flux-2048-b2 --dtypes bf16 --norms l1
   python -m benchmarks flux --resolutions 1024 --compile-resolutions none
   python -m benchmarks flops
   python -m benchmarks all --out /tmp/bench
+  python -m benchmarks overhead profile sweep          # on a CUDA GPU
   python -m benchmarks quality --model black-forest-labs/FLUX.1-schnell --clip-model openai/clip-vit-large-patch14
 """
+NEEDS_CUDA_STATUS = 3
+
+
+def epilog() -> str:
+    lines = ["suites:"]
+    for name in SUITES:
+        text = textwrap.wrap(module(name).HELP, 104)
+        lines.append(f"  {name:<9} {text[0]}")
+        lines += [" " * 12 + t for t in text[1:]]
+    return "\n".join(lines) + "\n\n" + EXAMPLES
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import flux, kernel, quality
+    from . import flops, flux, kernel, profile_step, quality
 
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__, epilog=EPILOG,
+        prog="python -m benchmarks", description=__doc__, epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("suites", nargs="*", default=["all"], help="kernel, flux, flops, quality or all (default: all = kernel, flux, flops)")
+    p.add_argument("suites", nargs="*", default=["all"],
+                   help=f"{', '.join(SUITES)} or all (default: all = {', '.join(ALL_SUITES)})")
     common = p.add_argument_group("all suites")
     common.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     q = common.add_mutually_exclusive_group()
@@ -54,8 +54,11 @@ def parser() -> argparse.ArgumentParser:
                         help="directory for the JSON/markdown/PNG files (default: benchmarks/results/)")
     common.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this many seconds per suite (skipped cases are recorded)")
-    kernel.add_arguments(p.add_argument_group("kernel suite"))
-    flux.add_arguments(p.add_argument_group("flux and flops suites (--dtype also for quality)"))
+    kernel.add_arguments(p.add_argument_group("kernel suite (--shapes, --dtypes, --norms also for overhead and sweep)"))
+    flux.add_arguments(p.add_argument_group(
+        "flux suite (--resolutions, --variants, --dtype also for profile; --resolutions, --batch also for flops; "
+        "--dtype also for quality)"))
+    profile_step.add_arguments(p.add_argument_group("profile suite"))
     quality.add_arguments(p.add_argument_group("quality suite"))
     return p
 
@@ -63,21 +66,22 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     suites = list(ALL_SUITES) if "all" in args.suites else args.suites
-    for s in suites:
-        if s not in SUITES:
-            raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
+    modules = {s: module(s) for s in suites}  # an unknown name fails here, before anything runs
     from . import harness as h
 
     device = h.pick_device(args.device)
     summaries = []
-    failed = []
-    for s in suites:
+    failed, needs_cuda = [], []
+    for s, mod in modules.items():
         t0 = time.perf_counter()
-        mod = __import__(f"benchmarks.{s}", fromlist=["run"])
         try:
             results = mod.run(args, device)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except h.NeedsCuda as exc:
+            h.log(f"suite {s}: {exc}")
+            needs_cuda.append(f"{s}: {exc}")
+            continue
         except BaseException as exc:  # noqa: BLE001 - report and go on with the next suite
             import traceback
 
@@ -94,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + results.markdown_path.read_text(), flush=True)
         for line in results.summary:
             print(line, flush=True)
-    return 1 if failed else 0
+    for line in needs_cuda:
+        print(f"not run: {line}", flush=True)
+    return 1 if failed else NEEDS_CUDA_STATUS if needs_cuda else 0
 
 
 if __name__ == "__main__":

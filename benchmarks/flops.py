@@ -20,6 +20,7 @@ from . import random_flux
 from .configs import flux_image_tokens
 from .flux import make_inputs, model_config, nag_applied, split_rows
 
+HELP = ("FLOPs per FLUX.1 transformer step counted on the meta device with FlopCounterMode: no NAG, true CFG, NAG exact, NAG fast; TFLOP and ratio to no NAG. Runs anywhere in seconds.")
 VARIANTS = ("no_nag", "cfg", "nag_exact", "nag_fast")
 _SUSPECT = ("mm", "matmul", "attention", "attn", "conv", "linear", "einsum")
 
@@ -103,6 +104,11 @@ def progress_line(r: dict) -> str:
         return f"{r['resolution']}^2 {r['variant']:<10} {r['status']}: {r.get('reason') or r.get('error')}"
     extra = f"  UNCOUNTED: {', '.join(r['uncounted_ops'])}" if r["uncounted_ops"] else ""
     return f"{r['resolution']}^2 {r['variant']:<10} {fmt_tflop(r['tflop'])} TFLOP ({r['count_s']}s){extra}"
+
+
+def table(doc: dict) -> str:
+    add_ratios(doc["rows"])
+    return markdown(doc["rows"])
 
 
 def markdown(rows: list[dict]) -> str:

@@ -32,6 +32,9 @@ from . import harness as h
 from . import random_flux
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
+HELP = ("one FLUX.1-size transformer step with random weights: no NAG, true CFG, NAG exact (PyTorch / Triton "
+        "combine), NAG fast; eager and torch.compile'd; ms per step, overhead, peak memory, graphs compiled, and the "
+        "fast-mode step-time target on CUDA.")
 VARIANTS = ("no_nag", "cfg", "nag_exact_torch", "nag_exact_triton", "nag_fast")
 COMPILED_ORDER = ("no_nag", "nag_exact_triton", "nag_exact_torch", "nag_fast", "cfg")
 NAG_ARGS = dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_end=1.0)
@@ -258,6 +261,12 @@ def markdown(rows: list[dict], targets: list[dict] = ()) -> str:
     ) + ("\n## Targets\n\n```\n" + "\n".join(target_lines(targets)) + "\n```\n" if targets else "")
 
 
+def table(doc: dict) -> str:
+    """The markdown body of a run from its JSON document (overheads and targets recomputed from the rows)."""
+    add_overheads(doc["rows"])
+    return markdown(doc["rows"], evaluate_targets(doc["rows"], doc["environment"]["device_type"]))
+
+
 def plot(rows: list[dict], path) -> bool:
     plt = h.try_matplotlib()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -275,10 +284,7 @@ def plot(rows: list[dict], path) -> bool:
     ax.set_ylabel("ms per step")
     ax.set_title(f"{ok[0]['config']} transformer step on {ok[0]['device']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return h.save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything the GPU measures for the README and issues 2, 3 and 5, in one call: about 6 minutes on an H100,
-# compile warm-ups included. Run from the repo root, offline, with torch, triton and diffusers importable:
+# Everything the GPU measures for the README in one call: about 6 minutes on an H100, compile warm-ups included.
+# Run from the repo root, offline, with torch, triton and diffusers importable:
 #
 #   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --target $S .whl/*.whl
 #   export PYTHONPATH=$S:$PWD
@@ -9,24 +9,23 @@
 # Phases (each in its own process under a hard time limit, so an OOM, a compile error or a hang in one is reported
 # and the next still runs; every phase writes its JSON row by row, so a phase stopped early keeps what it measured):
 #   tests (limit 100 s): the GPU-only correctness tests, compiled kernels (tests/test_*_cuda.py, TRITON_INTERPRET=0).
-#   kernel (limit 120 s): the NAG combine, preset gpu-suite: all 9 model shapes in bf16/L1 plus fp16/fp32 and L2
-#      at the Flux shapes; 6 providers each (15 torch.compile warm-ups); issue 2's pass/fail targets.
+#   kernel (limit 120 s): the NAG combine, preset gpu-suite: every model shape in bf16/L1 plus fp16/fp32 and L2 at
+#      the Flux shapes; 6 providers each (one torch.compile warm-up per case); the kernel targets, PASS/FAIL.
 #   flux (limit 205 s): FLUX.1-size transformer (about 12B random bf16 parameters, built on the GPU) at 1024^2 and
 #      2048^2, eager: no NAG, true CFG, NAG exact (torch combine), NAG exact (Triton kernel), NAG fast; then 1024^2
-#      torch.compile'd (regional compilation of the repeated blocks); issue 5's target (fast <= 1.2x no NAG at
-#      1024^2). 2048^2 is not compiled here: each compile costs tens of seconds.
-#   profile (limit 90 s, benchmarks/profile_flux.py): the top GPU kernels of one FLUX.1 step per variant.
-#   Optional, not in the default set (both ran on an H200 on 2026-11-27, benchmarks/results/h200-20261127-run*):
-#   sweep (limit 60 s): every launch setting of the combine kernel at the model shapes, heuristic vs best
-#      (benchmarks/sweep_combine.py; writes sweep_combine.json); overhead (limit 60 s, benchmarks/host_overhead.py:
-#      device time in a CUDA graph vs host time per call).
+#      torch.compile'd (regional compilation of the repeated blocks); the fast-mode step-time target (fast <= 1.2x
+#      no NAG at 1024^2). 2048^2 is not compiled here: each compile costs tens of seconds.
+#   profile (limit 90 s, python -m benchmarks profile): the top GPU kernels of one FLUX.1 step per variant.
+#   Optional, not in the default set:
+#   overhead (limit 60 s, python -m benchmarks overhead): device time in a CUDA graph vs host time per call.
+#   sweep (limit 60 s, python -m benchmarks sweep): every launch setting of the combine kernel at model shapes,
+#      heuristic vs best.
 #   The flops suite is machine-independent (meta device) and is not rerun here.
 # GPU_SUITE_PHASES=tests,kernel,flux,profile (the default) picks phases; GPU_SUITE_FLUX_ARGS replaces the flux
 # phase's arguments (e.g. "--resolutions 1024,2048 --compile-resolutions none --variants no_nag,nag_fast").
-# Output: DIR/kernel-*.{json,md,png}, DIR/flux-*.{json,md,png}, DIR/profile_flux.json, DIR/gpu_suite.log
-# (8 files); tables printed last.
+# Output: DIR/<suite>-*.{json,md,png} per phase run (profile, sweep: no PNG), DIR/gpu_suite.log; tables printed last.
 # GPU_SUITE_SMOKE=1 runs the same phases on tiny shapes on whatever device is here (a check of this script on a CPU;
-# its figures mean nothing).
+# its figures mean nothing; overhead and sweep say that they need CUDA).
 set -u
 
 OUT_DIR="${OUT:-}"
@@ -34,7 +33,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (use --out DIR)"; exit 2 ;;
   esac
 done
@@ -59,10 +58,11 @@ T0=$SECONDS
 echo "== gpu_suite.sh: $(date -u +%FT%TZ), out $OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 SMOKE="${GPU_SUITE_SMOKE:-0}"
-KERNEL_SMOKE=(); FLUX_SMOKE=()
+KERNEL_SMOKE=(); FLUX_SMOKE=(); PROFILE_SMOKE=()
 if [ "$SMOKE" = 1 ]; then
   echo "== GPU_SUITE_SMOKE=1: tiny shapes, figures meaningless"
   KERNEL_SMOKE=(--shapes tiny-odd --quick); FLUX_SMOKE=(--quick --resolutions 32,64 --compile-resolutions none --reps 1)
+  PROFILE_SMOKE=(--quick --resolutions 32 --top 5)
 fi
 GPU_SUITE_SMOKE="$SMOKE" "$PY" - <<'PY' || { echo "== preflight failed: torch/triton/CUDA not usable; nothing measured"; exit 1; }
 import importlib, torch
@@ -94,6 +94,7 @@ phase() {  # phase NAME LIMIT_S ARGS...
   local rc=$?
   case $rc in
     0) echo "== phase $name done in $((SECONDS - start))s" ;;
+    3) echo "== phase $name NOT RUN: it needs a CUDA GPU (see the line above)" ;;
     124|137) echo "== phase $name STOPPED at its ${limit}s limit after $((SECONDS - start))s: its JSON holds the rows it finished" ;;
     *) echo "== phase $name FAILED (exit $rc) after $((SECONDS - start))s: see the traceback above" ;;
   esac
@@ -118,34 +119,22 @@ if wants flux; then
   fi
   phase flux 205 flux "${FLUX_ARGS[@]}" --budget-s 160 "${FLUX_SMOKE[@]}"
 fi
-for extra in overhead:host_overhead:60 profile:profile_flux:90; do
-  IFS=: read -r name module limit <<< "$extra"
-  if wants "$name" && [ "$SMOKE" != 1 ]; then
-    echo
-    echo "== phase $name (limit ${limit}s, suite elapsed $((SECONDS - T0))s): python -m benchmarks.$module"
-    OUT="$OUT_DIR" timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m "benchmarks.$module"
-    echo "== phase $name: exit $?"
-  fi
-done
-if wants sweep && [ "$SMOKE" != 1 ]; then
-  echo
-  echo "== phase sweep (limit 60s, suite elapsed $((SECONDS - T0))s): launch settings of the combine kernel"
-  OUT="$OUT_DIR" timeout --signal=TERM --kill-after=10 60 "$PY" -m benchmarks.sweep_combine
-  echo "== phase sweep: exit $?"
-fi
-
+wants profile && phase profile 90 profile "${PROFILE_SMOKE[@]}"
+wants overhead && phase overhead 60 overhead
+wants sweep && phase sweep 60 sweep
 echo
 echo "== all phases done in $((SECONDS - T0))s; tables follow (also in $OUT_DIR/*.md)"
 shopt -s nullglob
-files=("$OUT_DIR"/kernel-*.json "$OUT_DIR"/flux-*.json)
+files=()
+for suite in kernel flux profile overhead sweep; do files+=("$OUT_DIR"/"$suite"-*.json); done
 if [ ${#files[@]} -gt 0 ]; then
   "$PY" -m benchmarks.report "${files[@]}" || echo "== report failed"
 else
   echo "== no result files were written"
 fi
 "$PY" - "${files[@]}" <<'PY'
-# Issue 2's pass/fail lines last, so the end of the output holds them (recomputed from the rows: a kernel phase
-# stopped at its limit never wrote its own).
+# The kernel targets' PASS/FAIL lines last, so the end of the output holds them (recomputed from the rows: a kernel
+# phase stopped at its limit never wrote its own).
 import json, sys, torch
 from benchmarks import kernel
 for path in sys.argv[1:]:

@@ -1,6 +1,6 @@
 """Shared benchmark harness: environment record, timers, peak memory, guarded cases and result files.
 
-Every suite (``kernel``, ``flux``, ``flops``) builds rows (plain dicts) and hands them to a ``Results`` object, which
+Every suite (``kernel``, ``flux``, ``flops``, ...) builds rows (plain dicts) and hands them to a ``Results`` object, which
 rewrites the run's JSON file after every row (a run cut short still leaves its figures on disk), prints one line per
 case, and at the end writes a markdown table and, when matplotlib is installed, a PNG plot.
 
@@ -261,7 +261,18 @@ def guarded(fn: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str,
 
 
 class Skip(Exception):
-    """A case that cannot run here (no GPU, feature not implemented yet): recorded as skipped with the reason."""
+    """A case that cannot run here (no GPU, no Triton): recorded as skipped with the reason."""
+
+
+class NeedsCuda(Exception):
+    """A whole suite that measures something only a CUDA GPU has: ``python -m benchmarks`` says so and goes on."""
+
+
+def require_cuda(device: torch.device, suite: str, why: str) -> None:
+    """Raise ``NeedsCuda`` naming the suite and the reason unless ``device`` is a CUDA device."""
+    if device.type != "cuda":
+        where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else f"--device is {device}"
+        raise NeedsCuda(f"the {suite} suite needs a CUDA GPU ({why}); {where}: nothing measured")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,6 +417,16 @@ def try_matplotlib():
     return plt
 
 
+def save_figure(fig, path) -> bool:
+    """Lay out, write and close a matplotlib figure; True (the plot functions' "drawn")."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -450,10 +471,19 @@ def import_integrations():
     return module
 
 
+def integration_available() -> bool:
+    """Whether ``nag_kernels.integrations`` (and diffusers) can be imported here."""
+    try:
+        integration_api()
+    except Skip:
+        return False
+    return True
+
+
 def integration_api():
     """``(apply_nag, remove_nag)`` or raise ``Skip`` with the reason they cannot be used here."""
     try:
         mod = import_integrations()
         return mod.apply_nag, mod.remove_nag
     except (ImportError, AttributeError) as exc:
-        raise Skip(f"the Flux integration is not available yet ({error_text(exc)})") from None
+        raise Skip(f"the diffusers integration cannot be imported ({error_text(exc)})") from None

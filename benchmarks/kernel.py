@@ -29,6 +29,9 @@ import torch
 from . import harness as h
 from .configs import KERNEL_SHAPES, QUICK_KERNEL_SHAPES, kernel_shape
 
+HELP = ("the NAG combine alone at model shapes: eager nag_reference, the authors' formula, torch.compile, "
+        'nag(backend="torch"), the Triton kernel and its in-place form; ms, GB/s, share of copy bandwidth, speedups, '
+        "peak extra memory, and the kernel targets (bandwidth, speedups) with PASS/FAIL.")
 PROVIDERS = ("torch", "authors", "torch_compile", "torch_backend", "triton", "triton_inplace")
 BASELINES = ("torch", "authors", "torch_compile")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -258,6 +261,12 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
     return text
 
 
+def table(doc: dict) -> str:
+    """The markdown body of a run, targets included (recomputed from the rows: a run stopped early has none)."""
+    targets = evaluate_targets(doc["rows"], torch.device(doc["environment"]["device_type"]))
+    return markdown(doc["rows"], targets)
+
+
 def plot(rows: list[dict], path) -> bool:
     plt = h.try_matplotlib()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -282,10 +291,7 @@ def plot(rows: list[dict], path) -> bool:
         ax.set_ylabel("GB/s (read 2 inputs + write 1)")
         ax.set_title(f"NAG combine, {dt}, {nm} on {ok[0]['device']}", fontsize=9)
         ax.legend(fontsize=7, ncol=4, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return h.save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,23 +302,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", help=f"comma list of {', '.join(PROVIDERS)} (default: all that run here)")
 
 
+def case_grid(args, shapes, dtypes, norms) -> list[tuple[str, str, str]]:
+    """Every (shape, dtype, norm) of ``--shapes``/``--dtypes``/``--norms``, each defaulting to the list given; an
+    unknown name is an error that lists the known ones. Also used by the overhead and sweep suites."""
+    shapes = args.shapes.split(",") if args.shapes else list(shapes)
+    dtypes = args.dtypes.split(",") if args.dtypes else list(dtypes)
+    norms = args.norms.split(",") if args.norms else list(norms)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
+    for n in norms:
+        if n not in NORMS:
+            raise SystemExit(f"unknown norm {n!r}; known: {', '.join(NORMS)}")
+    for s in shapes:
+        kernel_shape(s)
+    return [(s, d, n) for s in shapes for d in dtypes for n in norms]
+
+
 def cases(args, device) -> list[tuple[str, str, str]]:
     quick = args.quick if args.quick is not None else device.type != "cuda"
     preset = args.preset or ("quick" if quick else "full")
     chosen = list(PRESETS[preset])
     if args.shapes or args.dtypes or args.norms:
-        shapes = args.shapes.split(",") if args.shapes else list(dict.fromkeys(c[0] for c in chosen))
-        dtypes = args.dtypes.split(",") if args.dtypes else list(dict.fromkeys(c[1] for c in chosen))
-        norms = args.norms.split(",") if args.norms else list(dict.fromkeys(c[2] for c in chosen))
-        for d in dtypes:
-            if d not in DTYPES:
-                raise SystemExit(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
-        for n in norms:
-            if n not in NORMS:
-                raise SystemExit(f"unknown norm {n!r}; known: {', '.join(NORMS)}")
-        for s in shapes:
-            kernel_shape(s)
-        chosen = [(s, d, n) for s in shapes for d in dtypes for n in norms]
+        chosen = case_grid(args, *(list(dict.fromkeys(c[i] for c in chosen)) for i in range(3)))
     return chosen
 
 

@@ -37,6 +37,10 @@ from . import harness as h
 from . import image_metrics as im
 from . import random_flux
 
+HELP = ("images of a real Flux pipeline (--model) for fixed prompts with NAG negatives: no NAG, NAG exact and "
+        "NAG fast from the same seeds; PSNR/SSIM between "
+        "variants, CLIP similarity to the prompt and the NAG negative (--clip-model); an image grid. Not part of "
+        "'all'; without a GPU and --model it runs a tiny random-weight pipeline whose figures are meaningless.")
 VARIANTS = ("no_nag", "nag_exact", "nag_fast")
 LABELS = {"no_nag": "no NAG", "nag_exact": "NAG exact", "nag_fast": "NAG fast"}
 MODES = {"nag_exact": "exact", "nag_fast": "fast"}
@@ -392,6 +396,10 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 
 def _f(value, digits=3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(doc: dict) -> str:
+    return markdown(doc["rows"], summarize(doc["rows"]), doc)
 
 
 def markdown(rows: list[dict], summary: dict, extra: dict) -> str:

@@ -1,8 +1,8 @@
 """Render the markdown tables of finished (or cut-short) runs from their JSON files.
 
-``python -m benchmarks.report FILE.json [...]`` prints each run's table (and the kernel and flux targets) and rewrites the
-``.md`` beside the JSON. ``gpu_suite.sh`` ends with it, so the tables are printed last even when a phase ran out of
-time and was stopped before writing its own table.
+``python -m benchmarks.report FILE.json [...]`` prints each run's table (with its targets, for the suites that have
+them) and rewrites the ``.md`` beside the JSON. ``gpu_suite.sh`` ends with it, so the tables are printed last even when
+a phase ran out of time and was stopped before writing its own table.
 """
 
 from __future__ import annotations
@@ -13,28 +13,13 @@ from pathlib import Path
 
 
 def render(path: Path) -> str:
-    from . import flops, flux, kernel, quality
     from . import harness as h
+    from . import suites
 
     doc = json.loads(path.read_text())
-    suite, rows, env = doc["suite"], doc["rows"], doc["environment"]
-    if suite == "kernel":
-        import torch
-
-        targets = kernel.evaluate_targets(rows, torch.device(env["device_type"]))
-        body = kernel.markdown(rows, targets)
-    elif suite == "flux":
-        flux.add_overheads(rows)
-        body = flux.markdown(rows, flux.evaluate_targets(rows, env["device_type"]))
-    elif suite == "flops":
-        flops.add_ratios(rows)
-        body = flops.markdown(rows)
-    elif suite == "quality":
-        body = quality.markdown(rows, quality.summarize(rows), doc)
-    else:
-        raise ValueError(f"{path}: unknown suite {suite!r}")
-    head = h.markdown_head(doc, path.name)
-    return head + body
+    if doc.get("suite") not in suites.SUITES:
+        raise ValueError(f"{path}: unknown suite {doc.get('suite')!r}")
+    return h.markdown_head(doc, path.name) + suites.module(doc["suite"]).table(doc)
 
 
 def main(argv: list[str]) -> int:

@@ -8,11 +8,7 @@ import pytest
 from benchmarks import harness as h
 from benchmarks.__main__ import main
 
-try:
-    h.integration_api()
-    HAVE_INTEGRATION = True
-except h.Skip:
-    HAVE_INTEGRATION = False
+HAVE_INTEGRATION = h.integration_available()
 
 
 def test_suite_counts_toy(tmp_path):

@@ -16,11 +16,7 @@ from benchmarks.configs import FLUX_TINY
 
 CPU = torch.device("cpu")
 
-try:
-    h.integration_api()
-    HAVE_INTEGRATION = True
-except h.Skip:
-    HAVE_INTEGRATION = False
+HAVE_INTEGRATION = h.integration_available()
 
 
 @pytest.fixture(scope="module")

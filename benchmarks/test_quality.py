@@ -16,11 +16,7 @@ from benchmarks.__main__ import ALL_SUITES, SUITES, main, parser
 PROMPTS = [{"prompt": "Portrait of AI researcher.", "nag_negative_prompt": "Glasses."},
            {"prompt": "A bowl of fruit on a table.", "nag_negative_prompt": "Apples."}]
 
-try:
-    h.integration_api()
-    HAVE_INTEGRATION = True
-except h.Skip:
-    HAVE_INTEGRATION = False
+HAVE_INTEGRATION = h.integration_available()
 needs_integration = pytest.mark.skipif(not HAVE_INTEGRATION, reason="the Flux integration is not available")
 
 
