@@ -49,6 +49,8 @@ class Family:
         batched_cfg: whether the family's pipelines batch CFG's unconditional and conditional rows into one call
             (SDXL, SD3): then a call with ``L`` latent rows and ``L + g`` text rows (``0 < g < L``) is guided on its
             last ``g`` latent rows, whose NAG-negative text rows are the last ``g`` (``NAGForward.guided``).
+        timestep_value: optional ``timestep_value(timestep) -> tensor`` giving the scalar that ``nag_end`` is tested
+            on (default: the first element; Wan uses the maximum over its per-token timesteps).
         check: optional ``check(model, kw, batch)`` raising a clear error on a guided forward's inputs that the batch rule
             alone does not catch.
     """
@@ -73,6 +75,7 @@ class Family:
     modes: tuple[str, ...] = ("exact", "fast")
     batched_cfg: bool = False
     check: Callable | None = None
+    timestep_value: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.token_order not in TOKEN_ORDERS:

@@ -75,24 +75,25 @@ def as_kwargs(names: tuple[str, ...], args, kwargs) -> dict:
 
 
 @torch.compiler.disable
-def _first_value(timestep: torch.Tensor) -> float | None:
-    """The call's timestep value (its first element); None on meta tensors (no values there)."""
+def _first_value(timestep: torch.Tensor, reduce=None) -> float | None:
+    """The call's timestep value (its first element, or ``reduce(timestep)``); None on meta tensors (no values)."""
     if timestep.device.type == "meta":
         return None
-    return float(timestep.reshape(-1)[0])
+    return float(reduce(timestep) if reduce is not None else timestep.reshape(-1)[0])
 
 
-def is_on(config: NAGConfig, timestep, timestep_scale: float) -> bool:
+def is_on(config: NAGConfig, timestep, timestep_scale: float, reduce=None) -> bool:
     """Whether NAG acts in this forward: ``nag_scale > 1`` and the noise level past ``nag_end``'s threshold.
 
     ``timestep`` is the model's timestep argument; ``timestep_scale`` is what it is multiplied by to give a scheduler
-    timestep in [0, 1000] (FLUX.1 passes ``t / 1000``: 1000; models that take ``t`` itself: 1).
+    timestep in [0, 1000] (FLUX.1 passes ``t / 1000``: 1000; models that take ``t`` itself: 1); ``reduce`` maps a
+    timestep tensor to its value (default: the first element).
     """
     if config.scale <= 1:
         return False
     if config.end >= 1 or not isinstance(timestep, torch.Tensor):
         return True
-    value = _first_value(timestep)
+    value = _first_value(timestep, reduce)
     return value is None or config.active_at(value * timestep_scale)  # meta: on (a cost upper bound)
 
 
@@ -154,7 +155,7 @@ def pre_hook(module, args, kwargs):
             raise ValueError(f"{name} must have batch {2 * batch} like {family.text}, got {rows(kw[name])}")
     family.check_guided(module, kw, batch)
 
-    on = is_on(config, kw.get(family.timestep), family.timestep_scale)
+    on = is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value)
     if not on:  # a plain forward at the plain cost
         for name in (family.text, *family.per_branch, *family.expand):
             if kw.get(name) is not None:
@@ -174,7 +175,7 @@ def _batched_cfg(family, config: NAGConfig, kw: dict, extra: dict, batch: int, g
     """A call whose latents hold CFG's unconditional and conditional rows together (``batch`` rows) and whose text
     holds one row per latent row followed by the NAG-negative rows of the last ``guided`` latent rows (the
     conditional ones): only those are guided; the unconditional rows run plain."""
-    if not is_on(config, kw.get(family.timestep), family.timestep_scale):
+    if not is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value):
         kw[family.text] = kw[family.text][:batch]
         return (), kw
     text = kw[family.text]

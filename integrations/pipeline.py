@@ -40,6 +40,7 @@ class PromptAdapter:
         positive: ``encode_prompt`` arguments that hold the call's own prompt (compared with the call's arguments of
             the same name), so the positive encoding is told from the others.
         forwarded: ``encode_prompt`` arguments passed on unchanged when encoding the negative.
+        per_image_arg: the ``encode_prompt`` argument giving the rows per prompt (Wan: ``num_videos_per_prompt``).
     """
 
     prompts: dict
@@ -47,6 +48,7 @@ class PromptAdapter:
     per_branch: tuple[int, ...] = (0,)
     positive: tuple[str, ...] = ("prompt", "prompt_embeds")
     forwarded: tuple[str, ...] = ("device", "num_images_per_prompt", "max_sequence_length", "lora_scale")
+    per_image_arg: str = "num_images_per_prompt"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -74,7 +76,7 @@ class PromptAdapter:
     def encode_negative(self, encode, encode_args: dict, result, negatives: dict) -> dict:
         """The NAG negative's tensors (result index -> tensor) with the rows of the positive ``result``."""
         first = result[self.per_branch[0]]
-        per_image = encode_args.get("num_images_per_prompt") or 1
+        per_image = encode_args.get(self.per_image_arg) or 1
         images = first.shape[0]
         if any(negatives.get(name) is not None for name in self.embeds):
             return {
