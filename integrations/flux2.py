@@ -1,0 +1,227 @@
+"""NAG for ``Flux2Transformer2DModel`` (FLUX.2 [dev], FLUX.2 [klein]): docs/families/flux2.md.
+
+FLUX.2 modulates every token from the timestep (and guidance) only, never from the text, so the image tokens of the
+two branches of the authors'-style 2B layout stay identical through every block: the shared image stream computes
+exactly that result at the cost of duplicating the text alone. Both mode names run it.
+
+How one guided forward runs (``B`` latent rows, ``encoder_hidden_states`` ``[2B, T, D]`` = positive then
+NAG-negative rows; ``guided.pre_hook`` checks the batches and calls ``Flux2Family.deliver``):
+
+- ``deliver`` packs the two branches' text side by side along the sequence, ``[B, 2T, D]`` (positive tokens, then
+  NAG-negative tokens) and gives the negative tokens the positive ones' text positions (``txt_ids`` repeated), so the
+  stock model forward runs unchanged at batch ``B``: its modulation has ``B`` rows, its per-token layers (embedders,
+  norms, MLPs, gates) see ``2T + N`` tokens, and it drops the ``2T`` text tokens before ``norm_out`` as usual.
+- Only the attention differs. ``NAGFlux2AttnProcessor`` (double blocks) and ``NAGFlux2ParallelSelfAttnProcessor``
+  (single blocks) unpack the text to ``[2B, T]``: text queries of branch ``b`` attend over ``[text_b ; image]``
+  (``dispatch_attention_fn``, the user's backend), image queries over both branches' keys split and LSE-merged with
+  the NAG combine fused in (``split_attention.image_attention``); the outputs are packed back for the stock
+  projections. With a non-PyTorch attention backend, exact mode runs the unsplit per-branch attention through that
+  backend instead (same numbers up to rounding).
+
+Plain forwards (no ``nag`` record) go to the wrapped stock processors. No ``forward`` is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .family import Family
+from .guided import NAGForward
+from .pipeline import PromptAdapter
+from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from .registry import register_family
+from .split_attention import branch_join, combine, heads, image_attention
+
+try:  # FLUX.2 arrived in diffusers 0.36; on older releases this family is not registered
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2Attention,
+        Flux2AttnProcessor,
+        Flux2ParallelSelfAttention,
+        Flux2ParallelSelfAttnProcessor,
+        Flux2Transformer2DModel,
+        _get_qkv_projections,
+    )
+except ImportError:  # pragma: no cover - depends on the installed diffusers
+    Flux2Transformer2DModel = None
+
+# Supported pipelines -> the recommended settings that differ from the family's there.
+PIPELINES = {"Flux2Pipeline": {}, "Flux2KleinPipeline": {}, "Flux2KleinInpaintPipeline": {}}
+KV_PROCESSORS = ("Flux2KVAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
+
+
+def unpack(x: torch.Tensor, text_len: int) -> torch.Tensor:
+    """``[B, 2T, ...]`` (positive tokens, then NAG-negative tokens) -> ``[2B, T, ...]`` (positive rows first)."""
+    return torch.cat([x[:, :text_len], x[:, text_len:]])
+
+
+def pack(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of ``unpack``: ``[2B, T, ...]`` -> ``[B, 2T, ...]``."""
+    return torch.cat([x[:batch], x[batch:]], dim=1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+
+
+class _Flux2Processor(NAGProcessor):
+    """What both FLUX.2 processors share: the branch-split attention of a packed sequence."""
+
+    def _check(self, attention_mask, nag: NAGForward) -> None:
+        if attention_mask is not None:
+            raise ValueError("NAG on FLUX.2 does not take an attention_mask in joint_attention_kwargs; pass none")
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                "NAG on FLUX.2 does not support context parallelism yet (the packed two-branch text would be split "
+                "across ranks); call without NAG arguments or disable the parallel config"
+            )
+
+    def joint(self, q, k, v, tq, tk, tv, rotary, nag: NAGForward):
+        """Attention of one block for both branches.
+
+        Args:
+            q, k, v: image ``[B, N, H, D]`` (normed, before RoPE).
+            tq, tk, tv: packed text ``[B, 2T, H, D]`` (normed, before RoPE).
+            rotary: ``(cos, sin)``, each ``[2T + N, D]`` for the packed positions (text twice, then image).
+
+        Returns:
+            ``(text [B, 2T, H * D], image [B, N, H * D])``: each branch's text output, packed; the image output
+            NAG-combined over the branches.
+        """
+        batch, text_len = q.shape[0], nag.text_len
+        tq, tk, tv = (unpack(t, text_len) for t in (tq, tk, tv))
+        if rotary is not None:
+            cos, sin = rotary
+            tq, tk = (_rope(t, cos[:text_len], sin[:text_len]) for t in (tq, tk))
+            q, k = (_rope(t, cos[2 * text_len:], sin[2 * text_len:]) for t in (q, k))
+        if nag.mode == "fast" or self.backend_is_torch():
+            text = self.attend(tq, branch_join(tk, k), branch_join(tv, v))  # [2B, T, C]
+            image = image_attention(q, k, v, tk, tv, nag)  # [B, N, C]
+        else:  # the user's attention backend, each branch over its whole joint sequence
+            out = self.attend(branch_join(tq, q), branch_join(tk, k), branch_join(tv, v))  # [2B, T + N, C]
+            text = out[:, :text_len]
+            image = combine(out[:batch, text_len:].contiguous(), out[batch:, text_len:].contiguous(), nag)
+        return pack(text, batch), image
+
+
+class NAGFlux2AttnProcessor(_Flux2Processor):
+    """``Flux2AttnProcessor`` (double-stream blocks) with NAG; plain calls go to the wrapped stock processor."""
+
+    stock = Flux2AttnProcessor if Flux2Transformer2DModel is not None else type(None)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        nag: NAGForward | None = None,
+    ):
+        if nag is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self._check(attention_mask, nag)
+        # hidden_states [B, N, C] image; encoder_hidden_states [B, 2T, C] packed text.
+        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = heads(attn.head_dim, *projections[:3], attn.norm_q, attn.norm_k)
+        tq, tk, tv = heads(attn.head_dim, *projections[3:], attn.norm_added_q, attn.norm_added_k)
+        text, image = self.joint(q, k, v, tq, tk, tv, image_rotary_emb, nag)
+        image = attn.to_out[1](attn.to_out[0](image.to(q.dtype)))
+        return image, attn.to_add_out(text.to(q.dtype))
+
+
+class NAGFlux2ParallelSelfAttnProcessor(_Flux2Processor):
+    """``Flux2ParallelSelfAttnProcessor`` (single-stream blocks, attention fused with the MLP) with NAG."""
+
+    stock = Flux2ParallelSelfAttnProcessor if Flux2Transformer2DModel is not None else type(None)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        nag: NAGForward | None = None,
+    ):
+        if nag is None:
+            return self.inner(attn, hidden_states, attention_mask, image_rotary_emb)
+        self._check(attention_mask, nag)
+        # hidden_states [B, 2T + N, C]: packed text (positive, negative), then image.
+        proj = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)  # as the stock processor (tensor parallelism)
+        qkv, mlp = torch.split(proj, [local_qkv, proj.shape[-1] - local_qkv], dim=-1)
+        q, k, v = heads(attn.head_dim, *qkv.chunk(3, dim=-1), attn.norm_q, attn.norm_k)
+        split = 2 * nag.text_len
+        text, image = self.joint(
+            q[:, split:], k[:, split:], v[:, split:], q[:, :split], k[:, :split], v[:, :split], image_rotary_emb, nag
+        )
+        out = torch.cat([text, image], dim=1).to(q.dtype)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+def patch(model):
+    """Wrap the stock processors of both block kinds; no forward is replaced."""
+    processors = wrap_processors(model, Flux2Attention, NAGFlux2AttnProcessor)
+    processors.update(wrap_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor))
+    return processors, []
+
+
+def restore(model, processors: dict, patched: list) -> None:
+    restore_processors(model, Flux2Attention, NAGFlux2AttnProcessor, processors)
+    restore_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor, processors)
+
+
+def _check(model, kw: dict, batch: int) -> None:
+    if kw.get("kv_cache") is not None or kw.get("kv_cache_mode") is not None:
+        raise NotImplementedError(
+            "NAG does not support FLUX.2 [klein]'s KV-cached reference images (kv_cache / kv_cache_mode, "
+            "Flux2KleinKVPipeline); use Flux2KleinPipeline with image=... (reference tokens recomputed each step)"
+        )
+    for name, module in model.named_modules():
+        kind = type(getattr(module, "processor", None)).__name__
+        if kind in KV_PROCESSORS:
+            raise NotImplementedError(
+                f"NAG cannot guide this call: {name} uses {kind} (set by Flux2KleinKVPipeline); NAG does not support "
+                "FLUX.2 [klein]'s KV-cache processors. Use Flux2KleinPipeline, or set the stock processors "
+                "(Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor) and call apply_nag again"
+            )
+    check_processors(model, Flux2Attention, NAGFlux2AttnProcessor)
+    check_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor)
+
+
+class Flux2Family(Family):
+    """FLUX.2's family: the guided forward's text is packed along the sequence (module docstring)."""
+
+    def deliver(self, kw: dict, extra: dict, record) -> None:
+        text, batch = kw[self.text], record.batch
+        kw[self.text] = pack(text, batch)
+        ids = kw.get("txt_ids")
+        if ids is None:
+            raise ValueError("txt_ids must be given in a NAG call (the text positions of the prompt's tokens)")
+        ids = ids[0] if ids.dim() == 3 else ids  # the model uses the first row's ids as well
+        kw["txt_ids"] = torch.cat([ids, ids])  # each branch's text at the prompt's positions
+        super().deliver(kw, extra, record)
+
+
+if Flux2Transformer2DModel is not None:
+    FLUX2 = Flux2Family(
+        name="FLUX.2",
+        models=(Flux2Transformer2DModel,),
+        token_order="text_first",
+        acts_in="the joint attention of the double-stream and the fused single-stream blocks (image outputs), the "
+        "image stream shared by both branches (exact: the modulation does not depend on the text)",
+        patch=patch,
+        restore=restore,
+        prompts=PromptAdapter(
+            prompts={"nag_negative_prompt": "prompt"},
+            embeds={"nag_negative_prompt_embeds": 0},
+            per_branch=(0,),
+            forwarded=("device", "num_images_per_prompt", "max_sequence_length", "text_encoder_out_layers"),
+        ),
+        pipelines=PIPELINES,
+        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
+        timestep_scale=1000.0,
+        check=_check,
+    )
+    register_family(FLUX2)
