@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import harness as h
 from benchmarks import image_metrics as im
-from benchmarks import quality
+from benchmarks import quality, quality_prompts, quality_report
 from benchmarks.__main__ import ALL_SUITES, SUITES, main, parser
 
 PROMPTS = [{"prompt": "Portrait of AI researcher.", "nag_negative_prompt": "Glasses."},
@@ -180,7 +180,7 @@ def test_tiny_run_writes_rows_table_grid_and_clip(tmp_path, prompts_file, tiny_c
     env = doc["environment"]
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and env["date"] and doc["model"]
     rows = _rows(doc)
-    assert set(rows) == {(p, v) for p in range(len(PROMPTS)) for v in quality.VARIANTS}
+    assert set(rows) == {(p, v) for p in range(len(PROMPTS)) for v in quality_report.VARIANTS}
     for p in range(len(PROMPTS)):
         for v in ("no_nag", "nag_exact"):
             r = rows[p, v]
@@ -236,6 +236,32 @@ def test_same_seed_pairs_identical_when_fast_is_exact(tmp_path, prompts_file, mo
     assert doc["summary"]["comparisons"]["nag_fast_vs_nag_exact"]["pairs"] == 2
 
 
+@needs_integration
+def test_model_without_fast_mode_measures_no_nag_and_exact(tmp_path, monkeypatch):
+    """A family without fast mode (apply_nag refuses mode='fast') is measured without the fast variant, its tables
+    and grid have no fast column, and the run says why."""
+    apply_nag, remove_nag = h.integration_api()
+    calls = []
+
+    def exact_only(pipe, *, mode=None, **kw):
+        calls.append(mode)
+        if mode == "fast":
+            raise ValueError("this family supports mode in ('exact',), got 'fast'")
+        return apply_nag(pipe, mode=mode, **kw)
+
+    monkeypatch.setattr(h, "integration_api", lambda: (exact_only, remove_nag))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red car.\tBlue.\n")
+    rc, doc, path = _run(tmp_path, "--tiny", "--prompts", str(prompts))
+    assert rc == 0 and doc["variants"] == ["no_nag", "nag_exact"] and calls.count("fast") == 1
+    assert doc["modes"]["fast"].startswith("not supported by this model") and "supports mode" in doc["modes"]["fast"]
+    assert {r["variant"] for r in doc["rows"]} == {"no_nag", "nag_exact"}
+    assert all(r["status"] == "ok" for r in doc["rows"])
+    assert set(doc["summary"]["comparisons"]) == {"nag_exact_vs_no_nag"}
+    md = path.with_suffix(".md").read_text()
+    assert "NAG fast" not in md and "Fast mode: not supported by this model" in md
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,12 +288,14 @@ def test_bad_prompt_files_name_the_argument(tmp_path, content, suffix, message):
 def test_text_prompt_file(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# prompt<TAB>negative\nA red car.\tBlue.\n\nA dog.\tCollar.\n")
-    assert quality.load_prompts(str(path)) == [("A red car.", "Blue."), ("A dog.", "Collar.")]
-    assert quality.load_prompts(None) == list(quality.PROMPTS) and len(quality.PROMPTS) >= 6
+    assert quality_prompts.load_prompts(str(path)) == [("A red car.", "Blue."), ("A dog.", "Collar.")]
+    assert quality_prompts.load_prompts(None) == list(quality_prompts.PROMPTS) and len(quality_prompts.PROMPTS) >= 6
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--model", "x"], "--tiny and --model"),
+    (["--model", "x", "--pipeline-class", "NoSuchPipeline"], "--pipeline-class NoSuchPipeline"),
+    (["--nag-tau", "0"], "--nag-tau must be > 0"),
     (["--seeds", "1,b"], "--seeds"),
     (["--height", "40"], "multiples of 16"),
     (["--steps", "0"], "--steps"),
@@ -281,12 +309,13 @@ def test_bad_arguments_name_the_argument(tmp_path, argv, message):
 def test_model_defaults_follow_the_spec():
     args = parser().parse_args(["quality", "--model", "black-forest-labs/FLUX.1-schnell"])
     s = quality.settings_from(args, torch.device("cpu"))
-    assert (s.steps, s.guidance_scale, s.max_sequence_length, s.height, s.nag_scale, s.nag_tau, s.nag_alpha) == (
-        4, 0.0, 256, 1024, 5.0, 2.5, 0.25)
+    assert (s.steps, s.guidance_scale, s.max_sequence_length, s.height, s.pipeline_class) == (4, 0.0, 256, 1024, None)
+    assert s.nag == {}  # the integration's recommended settings for the pipeline
     assert not s.tiny and s.seeds == (0, 1)
-    args = parser().parse_args(["quality", "--model", "/models/FLUX.1-dev"])
+    args = parser().parse_args(["quality", "--model", "/models/FLUX.1-dev", "--pipeline-class", "FluxPipeline",
+                                "--nag-scale", "7"])
     s = quality.settings_from(args, torch.device("cpu"))
-    assert (s.steps, s.guidance_scale) == (25, 3.5)
+    assert (s.steps, s.guidance_scale, s.pipeline_class, s.nag) == (25, None, "FluxPipeline", {"nag_scale": 7.0})
     with pytest.raises(SystemExit, match="needs --model"):
         quality.settings_from(parser().parse_args(["quality"]), torch.device("cuda"))
 
@@ -296,7 +325,7 @@ def test_budget_spent_rows_are_recorded(tmp_path, prompts_file):
     # a CLIP model that cannot be loaded is a note, not a failure
     rc, doc, path = _run(tmp_path, "--tiny", "--prompts", prompts_file, "--budget-s", "0",
                          "--clip-model", str(tmp_path / "no-clip"))
-    assert rc == 0 and doc["finished"] and len(doc["rows"]) == len(PROMPTS) * len(quality.VARIANTS)
+    assert rc == 0 and doc["finished"] and len(doc["rows"]) == len(PROMPTS) * len(quality_report.VARIANTS)
     assert doc["clip_note"].startswith("CLIP similarity skipped") and "no-clip" in doc["clip_note"]
     assert all(r["status"] == "skipped" and "--budget-s" in r["reason"] for r in doc["rows"])
     assert "grid" not in doc and path.with_suffix(".md").exists()
