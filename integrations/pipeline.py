@@ -41,7 +41,6 @@ class PromptAdapter:
             the same name), so the positive encoding is told from the others.
         forwarded: ``encode_prompt`` arguments passed on unchanged when encoding the negative.
         per_image_arg: the ``encode_prompt`` argument giving the rows per prompt (Wan: ``num_videos_per_prompt``).
-        per_image_arg: the ``encode_prompt`` argument giving the rows per prompt (Wan: ``num_videos_per_prompt``).
     """
 
     prompts: dict
@@ -49,7 +48,6 @@ class PromptAdapter:
     per_branch: tuple[int, ...] = (0,)
     positive: tuple[str, ...] = ("prompt", "prompt_embeds")
     forwarded: tuple[str, ...] = ("device", "num_images_per_prompt", "max_sequence_length", "lora_scale")
-    per_image_arg: str = "num_images_per_prompt"
     per_image_arg: str = "num_images_per_prompt"
 
     @property
