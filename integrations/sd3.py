@@ -1,0 +1,186 @@
+"""NAG for ``SD3Transformer2DModel`` (Stable Diffusion 3 and 3.5): docs/families/sd3.md.
+
+The joint sequence is ``[image, text]`` (no RoPE). In a guided forward the image stream keeps its ``L`` latent rows
+in every block and the text stream has ``L + g`` rows: one per latent row, then the NAG-negative rows of the last
+``g`` latent rows (``g = L``: the plain guided call; ``g < L``: the pipeline batched CFG's unconditional and
+conditional rows, only the conditional ones guided, ``guided.NAGForward.guided``).
+
+- ``SD3Family.deliver`` keeps the first ``L`` rows of ``pooled_projections``: the authors encode the NAG negative's
+  pooled vector and do not use it, so ``temb`` has one row per latent row.
+- ``_text_rows_forward`` replaces the ``forward`` of each block's ``norm1_context``: text rows past ``temb``'s get
+  the conditioning of the latent row they belong to (the NAG-negative rows: the positive ones).
+- ``NAGJointAttnProcessor`` wraps each stock ``JointAttnProcessor2_0``. Guided rows: image Q/K/V once; text queries
+  of each branch over ``[image ; text_b]``; image queries split into the image keys (once) and each branch's text
+  keys, LSE-merged and NAG-combined (``split_attention.image_attention``) before ``to_out``; unguided rows (batched
+  CFG's unconditional ones): the stock joint attention. SD3.5's image self-attention ``attn2`` runs plain.
+
+Plain forwards (no ``nag`` record) are the stock computation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import forward_patch
+from .family import Family
+from .forward_patch import patch_forward
+from .guided import as_kwargs, rows
+from .pipeline import PromptAdapter
+from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from .registry import register_family
+from .split_attention import branch_join, heads, image_attention
+
+try:
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+except ImportError:  # pragma: no cover - depends on the diffusers release
+    SD3Transformer2DModel = None
+
+PIPELINES = {
+    "StableDiffusion3Pipeline": {},
+    "StableDiffusion3Img2ImgPipeline": {},
+    "StableDiffusion3InpaintPipeline": {},
+}
+
+
+def extend_rows(emb: torch.Tensor | None, rows_needed: int) -> torch.Tensor | None:
+    """Conditioning ``[L, ...]`` for ``rows_needed = L + g`` text rows: ``emb`` followed by its last ``g`` rows (the
+    guided latent rows' conditioning, which their NAG-negative text rows share). Unchanged when the rows match."""
+    if emb is None or emb.dim() == 0 or emb.shape[0] >= rows_needed:
+        return emb
+    extra = rows_needed - emb.shape[0]
+    if extra > emb.shape[0]:
+        raise ValueError(f"{rows_needed} text rows for {emb.shape[0]} conditioning rows: at most twice as many")
+    return torch.cat([emb, emb[-extra:]])
+
+
+def _text_rows_forward(self, *args, **kwargs):
+    """``forward`` of the text stream's AdaLN (argument ``self._nag_emb`` holds the conditioning): in a guided
+    forward the text has more rows than the conditioning; extend it (``extend_rows``). Plain forwards: unchanged."""
+    kw = as_kwargs(self._nag_names, args, kwargs)
+    x = kw["x"]
+    kw[self._nag_emb] = extend_rows(kw.get(self._nag_emb), x.shape[0])
+    return forward_patch.call_previous(self, **kw)
+
+
+def joint_attention(attend, q, k, v, tq, tk, tv):
+    """The stock joint attention of ``[image ; text]`` (rows of one branch each): ``(image [R, N, C], text
+    [R, T, C])``."""
+    n = q.shape[1]
+    out = attend(torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1))
+    return out[:, :n], out[:, n:]
+
+
+class NAGJointAttnProcessor(NAGProcessor):
+    """``JointAttnProcessor2_0`` with NAG: plain calls (and SD3.5's ``attn2``, which has no text) go to the wrapped
+    stock processor; guided calls (a ``nag`` record) run NAG's joint attention."""
+
+    stock = JointAttnProcessor2_0 if SD3Transformer2DModel is not None else type(None)
+
+    @property
+    def _attention_backend(self):  # the stock SD3 processor has none (it calls SDPA itself)
+        return getattr(self.inner, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.inner._attention_backend = value
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, nag=None, **kw):
+        if nag is None or encoder_hidden_states is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
+        if attention_mask is not None:
+            raise ValueError("NAG on SD3 takes no attention_mask (the stock SD3 attention has none)")
+        return self._guided(attn, hidden_states, encoder_hidden_states, nag)
+
+    def _guided(self, attn, hidden_states, encoder_hidden_states, nag):
+        # hidden_states [L, N, C]; encoder_hidden_states [L + g, T, C]: one row per latent row, then the g NAG rows.
+        latent_rows, guided = hidden_states.shape[0], nag.guided_rows
+        plain = latent_rows - guided  # batched CFG's unconditional rows (0 in a plain guided call)
+        if encoder_hidden_states.shape[0] != latent_rows + guided:
+            raise ValueError(
+                f"encoder_hidden_states must have {latent_rows + guided} rows for {latent_rows} image rows, "
+                f"{guided} of them guided; got {encoder_hidden_states.shape[0]}"
+            )
+        head_dim = attn.inner_dim // attn.heads
+        q, k, v = heads(head_dim, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states),
+                        attn.norm_q, attn.norm_k)
+        c = encoder_hidden_states
+        tq, tk, tv = heads(head_dim, attn.add_q_proj(c), attn.add_k_proj(c), attn.add_v_proj(c),
+                           attn.norm_added_q, attn.norm_added_k)
+        g = slice(plain, None)
+        # Guided rows: text queries of each branch over [image ; text_b], the image K/V shared by both branches.
+        text = self.attend(tq[g], branch_join(tk[g], k[g], text_first=False), branch_join(tv[g], v[g], text_first=False))
+        image = image_attention(q[g], k[g], v[g], tk[g], tv[g], nag)  # [g, N, C], merged and combined
+        if plain:
+            p = slice(0, plain)
+            image_p, text_p = joint_attention(self.attend, q[p], k[p], v[p], tq[p], tk[p], tv[p])
+            image, text = torch.cat([image_p, image]), torch.cat([text_p, text])
+        image = attn.to_out[1](attn.to_out[0](image))
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+
+def patch(model):
+    """Install NAG's processors and forward patches on ``model``; returns what ``restore`` needs."""
+    processors = wrap_processors(model, Attention, NAGJointAttnProcessor)
+    patched: list = []
+    try:
+        for block in model.transformer_blocks:
+            name = "conditioning_embedding" if block.context_pre_only else "emb"
+            patch_forward(block.norm1_context, _text_rows_forward, patched, _nag_emb=name)
+    except BaseException:
+        restore(model, processors, patched)
+        raise
+    return processors, patched
+
+
+def restore(model, processors: dict, patched: list) -> None:
+    restore_processors(model, Attention, NAGJointAttnProcessor, processors)
+    for module, fn in reversed(patched):
+        forward_patch.unpatch(module, fn, ("_nag_names", "_nag_emb"))
+
+
+def _check(model, kw: dict, batch: int) -> None:
+    if kw.get("pooled_projections") is None:
+        raise ValueError(f"pooled_projections must have batch {2 * batch} like encoder_hidden_states, got None")
+    for block in model.transformer_blocks:
+        if not isinstance(block.attn.processor, NAGJointAttnProcessor):
+            check_processors(model, Attention, NAGJointAttnProcessor)  # raises, naming the module
+
+
+class SD3Family(Family):
+    """SD3's family: the guided forward's ``temb`` has one row per latent row (the NAG-negative pooled rows are
+    dropped, as in the authors' pipeline)."""
+
+    def deliver(self, kw: dict, extra: dict, record) -> None:
+        pooled = kw.get("pooled_projections")
+        if rows(pooled) is not None and rows(pooled) > record.batch:
+            kw["pooled_projections"] = pooled[: record.batch]
+        super().deliver(kw, extra, record)
+
+
+if SD3Transformer2DModel is not None:
+    SD3 = SD3Family(
+        name="SD3",
+        models=(SD3Transformer2DModel,),
+        token_order="image_first",
+        acts_in="the joint attention of every block (image outputs); SD3.5's image self-attention attn2 unguided",
+        patch=patch,
+        restore=restore,
+        prompts=PromptAdapter(
+            prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2",
+                     "nag_negative_prompt_3": "prompt_3"},
+            embeds={"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 2},
+            per_branch=(0, 2),
+            forwarded=("device", "num_images_per_prompt", "max_sequence_length", "lora_scale", "clip_skip"),
+            negative_kwargs=(("do_classifier_free_guidance", False),),
+        ),
+        pipelines=PIPELINES,
+        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.125, "end": 1.0, "mode": "exact"},
+        per_branch=("pooled_projections",),
+        modes=("exact",),
+        batched_cfg=True,
+        check=_check,
+    )
+    register_family(SD3)
