@@ -107,7 +107,7 @@ KERNEL_SHAPES: dict[str, ModelShape] = {
     ]
 }
 
-# Small shapes that keep a CPU run (and CI) to seconds. flux-1024-b1 stays: issue 2's CPU comparison is at that shape.
+# Small shapes that keep a CPU run (and CI) to seconds. flux-1024-b1 stays: the CPU backend target is at that shape.
 QUICK_KERNEL_SHAPES = ["flux-1024-b1", "sdxl-1024"]
 
 # Tiny shapes for the pytest checks of the harness (Triton runs interpreted there).

@@ -34,28 +34,50 @@ HELP = ("the NAG combine alone at model shapes: eager nag_reference, the authors
         "peak extra memory, and the kernel targets (bandwidth, speedups) with PASS/FAIL.")
 PROVIDERS = ("torch", "authors", "torch_compile", "torch_backend", "triton", "triton_inplace")
 BASELINES = ("torch", "authors", "torch_compile")
+# What each provider is, for the table's legend (long) and the plot's legend (short).
+PROVIDER_LEGEND = {
+    "torch": "`nag_reference` in eager PyTorch: the specification, one op at a time",
+    "authors": "`nag_authors_formula`: the authors' eager formula as they wrote it",
+    "torch_compile": "`torch.compile(nag_reference)`: Inductor's fused kernel (compiled per case)",
+    "torch_backend": "`nag(backend=\"torch\")`: this package's fused PyTorch path (CPU, MPS)",
+    "triton": "`nag(backend=\"triton\")`: this package's fused Triton kernel",
+    "triton_inplace": "`nag(out=z_pos, backend=\"triton\")`: the Triton kernel writing over `z_pos`",
+}
+PROVIDER_LABELS = {
+    "torch": "eager nag_reference",
+    "authors": "authors' eager formula",
+    "torch_compile": "torch.compile(nag_reference)",
+    "torch_backend": "nag, PyTorch backend",
+    "triton": "nag, Triton kernel",
+    "triton_inplace": "nag, Triton kernel, in place",
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NORMS = ("l1", "l2")
-# The authors' recommended Flux values (NAG.md section 3).
+# The authors' recommended Flux values (docs/spec.md, "Recommended settings").
 PARAMS = dict(scale=5.0, tau=2.5, alpha=0.25)
 
-# Targets other issues set. Each: (label, shape, dtype, norm, provider, metric, op, threshold, device type).
+# What the kernel must reach, named by what it is. Each: (label, shape, dtype, norm, provider, metric, threshold,
+# device type); PASS when the row's metric is at least the threshold.
+BANDWIDTH = "kernel bandwidth target: triton >= 85% of copy bandwidth"
+VS_COMPILE = "kernel speed target vs torch.compile: triton >= 1.1x torch.compile(nag_reference)"
+VS_EAGER = "kernel speed target vs eager: triton >= 8x eager nag_reference"
+CPU_BACKEND = "CPU backend speed target: nag(backend='torch') >= 2x the authors' eager formula"
 TARGETS = [
-    ("issue 2: triton >= 85% of copy bandwidth", "flux-1024-b1", "bf16", "l1", "triton", "copy_share", 0.85, "cuda"),
-    ("issue 2: triton >= 85% of copy bandwidth", "flux-2048-b2", "bf16", "l1", "triton", "copy_share", 0.85, "cuda"),
-    ("issue 2: triton >= 1.1x torch.compile", "flux-1024-b1", "bf16", "l1", "triton", "x_torch_compile", 1.1, "cuda"),
-    ("issue 2: triton >= 1.1x torch.compile", "flux-2048-b2", "bf16", "l1", "triton", "x_torch_compile", 1.1, "cuda"),
-    ("issue 2: triton >= 8x eager nag_reference", "flux-1024-b1", "bf16", "l1", "triton", "x_torch", 8.0, "cuda"),
-    ("issue 2: triton >= 8x eager nag_reference", "flux-2048-b2", "bf16", "l1", "triton", "x_torch", 8.0, "cuda"),
-    ("issue 2: torch backend >= 2x authors' formula", "flux-1024-b1", "fp32", "l1", "torch_backend", "x_authors", 2.0, "cpu"),
+    (BANDWIDTH, "flux-1024-b1", "bf16", "l1", "triton", "copy_share", 0.85, "cuda"),
+    (BANDWIDTH, "flux-2048-b2", "bf16", "l1", "triton", "copy_share", 0.85, "cuda"),
+    (VS_COMPILE, "flux-1024-b1", "bf16", "l1", "triton", "x_torch_compile", 1.1, "cuda"),
+    (VS_COMPILE, "flux-2048-b2", "bf16", "l1", "triton", "x_torch_compile", 1.1, "cuda"),
+    (VS_EAGER, "flux-1024-b1", "bf16", "l1", "triton", "x_torch", 8.0, "cuda"),
+    (VS_EAGER, "flux-2048-b2", "bf16", "l1", "triton", "x_torch", 8.0, "cuda"),
+    (CPU_BACKEND, "flux-1024-b1", "fp32", "l1", "torch_backend", "x_authors", 2.0, "cpu"),
 ]
 
 PRESETS: dict[str, list[tuple[str, str, str]]] = {
     # The README's full sweep.
     "full": [(s, d, n) for s in KERNEL_SHAPES for d in DTYPES for n in NORMS],
-    # Small enough for a CPU in a minute; holds issue 2's CPU comparison (flux-1024-b1, fp32, l1).
+    # Small enough for a CPU in a minute; holds the CPU backend target's case (flux-1024-b1, fp32, l1).
     "quick": [(s, d, "l1") for s in QUICK_KERNEL_SHAPES for d in ("fp32", "bf16")] + [("flux-1024-b1", "fp32", "l2")],
-    # What gpu_suite.sh measures in its kernel phase: every shape in bf16 + L1 (issue 2's shapes among them), the
+    # What gpu_suite.sh measures in its kernel phase: every shape in bf16 + L1 (the targets' shapes among them), the
     # other dtypes and L2 at the two Flux resolutions. 15 cases: one torch.compile each.
     "gpu-suite": [(s, "bf16", "l1") for s in KERNEL_SHAPES]
     + [(s, d, "l1") for s in ("flux-1024-b1", "flux-2048-b1") for d in ("fp16", "fp32")]
@@ -234,7 +256,7 @@ def target_lines(targets: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict], targets: list[dict]) -> str:
     header = ["shape", "dtype", "norm", "provider", "median ms [q20-q80]", "GB/s", "% of copy",
-              "x torch", "x authors", "x compile", "peak extra", "max rel err"]
+              "x eager ref", "x authors", "x compile", "peak extra", "max rel err"]
     body = []
 
     def x(v):
@@ -254,8 +276,12 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
         ])
     text = h.markdown_table(header, body)
     text += ("\nGB/s counts reading both inputs and writing the output once; '% of copy' divides it by a "
-             "device-to-device copy of the same bytes measured in the same run. 'x name' is time(name) / time(row). "
-             "Peak extra: CUDA allocator peak above the inputs during one call (n/a on CPU).\n")
+             "device-to-device copy of the same bytes measured in the same run. 'x eager ref', 'x authors' and "
+             "'x compile' are time(torch) / time(row), time(authors) / time(row) and time(torch_compile) / time(row). "
+             "Peak extra: CUDA allocator peak above the inputs during one call (n/a on CPU). Max rel err: "
+             "max |out - ref| / max |ref| against eager nag_reference.\n\nProviders:\n\n"
+             + "\n".join(f"- `{p}`: {PROVIDER_LEGEND[p]}" for p in PROVIDERS if any(r["provider"] == p for r in rows))
+             + "\n")
     if targets:
         text += "\n## Targets\n\n```\n" + "\n".join(target_lines(targets)) + "\n```\n"
     return text
@@ -281,16 +307,16 @@ def plot(rows: list[dict], path) -> bool:
         width = 0.8 / max(1, len(provs))
         for i, p in enumerate(provs):
             vals = [next((r["gbps"] for r in sel if r["shape_name"] == s and r["provider"] == p), 0) for s in shapes]
-            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=f"{PROVIDER_LABELS[p]} ({p})")
         copies = [next((r["copy_gbps"] for r in sel if r["shape_name"] == s and r.get("copy_gbps")), 0) for s in shapes]
         # The copy of the same bytes, the memory-bound limit: a dashed line across each shape's group of bars.
         ax.hlines(copies, [j - width / 2 for j in range(len(shapes))], [j + 0.8 - width / 2 for j in range(len(shapes))],
-                  colors="k", linestyles="dashed", label="copy (same bytes)")
+                  colors="k", linestyles="dashed", label="device-to-device copy of the same bytes (memory-bound limit)")
         ax.set_ylim(0, 1.25 * max([*copies, *(r["gbps"] for r in sel)]))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=8)
         ax.set_ylabel("GB/s (read 2 inputs + write 1)")
         ax.set_title(f"NAG combine, {dt}, {nm} on {ok[0]['device']}", fontsize=9)
-        ax.legend(fontsize=7, ncol=4, loc="upper left")
+        ax.legend(fontsize=7, ncol=3, loc="upper left")
     return h.save_figure(fig, path)
 
 
@@ -346,9 +372,9 @@ def run(args, device: torch.device) -> h.Results:
     if copy:
         h.log(f"device-to-device copy, {h.fmt_bytes(copy['bytes'])} moved: {copy['gbps']:.0f} GB/s")
     if "torch_compile" in providers and device.type == "cuda":
-        # Start Inductor (and its compile workers) before anything is timed: in the H200 run of 2026-11-27 the
-        # first case's eager calls, timed right after the process's first torch.compile, were host-bound (0.082 ms)
-        # while the same shape with norm='l2' took 0.025 ms later in the run.
+        # Start Inductor (and its compile workers) before anything is timed: eager calls timed right after the
+        # process's first torch.compile have measured host-bound (several times slower than the same shape later
+        # in the same run).
         h.guarded(lambda: torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device)), device)
     start = time.perf_counter()
     for i, (s, d, n) in enumerate(todo, 1):

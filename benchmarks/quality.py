@@ -5,8 +5,8 @@ variant from the same initial noise (a CPU ``torch.Generator`` seeded per image)
 
 - ``no_nag``: the stock pipeline call;
 - ``nag_exact``: ``apply_nag(pipe, mode="exact")``, the authors' semantics;
-- ``nag_fast``: ``apply_nag(pipe, mode="fast")``, the shared image stream (NAG.md section 4), only where the model's
-  family implements fast mode (``quality_pipeline.nag_modes`` asks ``apply_nag`` once, before any image).
+- ``nag_fast``: ``apply_nag(pipe, mode="fast")``, the shared image stream (docs/spec.md, "Fast mode"), only where
+  the model's family implements fast mode (``quality_pipeline.nag_modes`` asks ``apply_nag`` once, before any image).
 
 Per image: seconds per pipeline call; PSNR and SSIM (``image_metrics``) of fast vs exact and, as the scale of a
 difference NAG itself makes, exact vs no NAG and fast vs no NAG; with ``--clip-model``, the cosine similarity of the

@@ -61,7 +61,7 @@ def test_presets_and_targets():
         quick, preset, shapes, dtypes, norms = None, None, None, None, None
 
     quick = kernel.cases(Args, CPU)
-    assert ("flux-1024-b1", "fp32", "l1") in quick  # issue 2's CPU comparison is in the CPU default
+    assert ("flux-1024-b1", "fp32", "l1") in quick  # the CPU backend target's case is in the CPU default
     suite = kernel.PRESETS["gpu-suite"]
     assert ("flux-1024-b1", "bf16", "l1") in suite and ("flux-2048-b2", "bf16", "l1") in suite
     assert len(kernel.cases(type("A", (Args,), {"preset": "full"}), CPU)) == 9 * 3 * 2
