@@ -1,0 +1,189 @@
+"""The guided transformer call, for every model family: how a call says it is guided, and the record NAG passes down.
+
+The contract (docs/spec.md, "The guided call"): a transformer forward whose text conditioning has ``2B`` rows
+(the positive rows, then the NAG-negative rows) while the latents have ``B`` rows is a guided forward and returns
+``B`` rows; equal batches are a plain forward. A pipeline marks its conditional call this way (``pipeline.py``
+appends the NAG negative to the positive conditioning it encodes), so an unconditional call (true CFG) or any other
+call keeps ``B`` text rows and runs plain. Nothing is inferred from call counts or tensor identity.
+
+``pre_hook`` is a torch forward pre-hook (``with_kwargs=True``) that a family's patcher installs on the model. It
+reads the names of the family's arguments from its ``Family`` (``family.py``), decides between a plain and a guided
+forward from the batch sizes, drops the NAG-negative rows when NAG is off at this step (``nag_end``, ``nag_scale=1``),
+expands the arguments the family lists to ``2B`` rows and hands a ``NAGForward`` record to the attention processors
+through the family's attention-kwargs argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import NAGConfig
+
+STATE_ATTR = "_nag_state"
+# Keys of the model's attention kwargs that override the settings for one call (removed before the blocks see them).
+CALL_KEYS = {"nag_scale": "scale", "nag_tau": "tau", "nag_alpha": "alpha", "nag_end": "end"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NAGForward:
+    """What the processors need for one guided forward: ``batch`` B (latent rows), ``text_len`` (text tokens), the
+    NAG parameters and ``mode`` (``"exact"`` or ``"fast"``). Under ``torch.compile`` the floats become symbolic after
+    the first change (automatic dynamic), so moving ``scale``/``tau``/``alpha`` between calls does not recompile again.
+    """
+
+    batch: int
+    text_len: int
+    scale: float
+    tau: float
+    alpha: float
+    norm: str
+    backend: str
+    mode: str = "exact"
+    guided: int | None = None  # batched CFG (families with ``batched_cfg``): only the last ``guided`` latent rows
+
+    @property
+    def guided_rows(self) -> int:
+        """How many latent rows are guided: all ``batch`` of them, or the last ``guided`` under batched CFG."""
+        return self.batch if self.guided is None else self.guided
+
+
+@dataclasses.dataclass
+class NAGState:
+    """What ``apply_nag`` left on a model (attribute ``_nag_state``): the settings, what to undo, and the settings of
+    the pipeline call in progress (``call_config``, ``None`` outside a pipeline call)."""
+
+    family: object  # the model's Family
+    config: NAGConfig
+    processors: dict  # attention module name -> the processor it had before apply_nag
+    patched: list  # (module, function) pairs whose forward forward_patch.patch replaced
+    pre_hook: torch.utils.hooks.RemovableHandle | None = None
+    names: tuple[str, ...] = ()  # the model's forward parameters, in order
+    call_config: NAGConfig | None = None
+
+
+def state_of(model: torch.nn.Module) -> NAGState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def as_kwargs(names: tuple[str, ...], args, kwargs) -> dict:
+    """Positional arguments by name (a plain zip: ``inspect.Signature.bind`` does not trace under torch.compile)."""
+    kw = dict(zip(names, args))
+    kw.update(kwargs)
+    return kw
+
+
+@torch.compiler.disable
+def _first_value(timestep: torch.Tensor, reduce=None) -> float | None:
+    """The call's timestep value (its first element, or ``reduce(timestep)``); None on meta tensors (no values)."""
+    if timestep.device.type == "meta":
+        return None
+    return float(reduce(timestep) if reduce is not None else timestep.reshape(-1)[0])
+
+
+def is_on(config: NAGConfig, timestep, timestep_scale: float, reduce=None) -> bool:
+    """Whether NAG acts in this forward: ``nag_scale > 1`` and the noise level past ``nag_end``'s threshold.
+
+    ``timestep`` is the model's timestep argument; ``timestep_scale`` is what it is multiplied by to give a scheduler
+    timestep in [0, 1000] (FLUX.1 passes ``t / 1000``: 1000; models that take ``t`` itself: 1); ``reduce`` maps a
+    timestep tensor to its value (default: the first element).
+    """
+    if config.scale <= 1:
+        return False
+    if config.end >= 1 or not isinstance(timestep, torch.Tensor):
+        return True
+    value = _first_value(timestep, reduce)
+    return value is None or config.active_at(value * timestep_scale)  # meta: on (a cost upper bound)
+
+
+def rows(x) -> int | None:
+    """The batch of an argument: a tensor's first dim, a list's length (per-sample lists); None for anything else."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[0] if x.dim() > 0 else None
+    if isinstance(x, (list, tuple)):
+        return len(x)
+    return None
+
+
+def doubled(name: str, x, batch: int):
+    """``x`` with ``2 * batch`` rows: as is when it has them, both halves equal to it when it has ``batch``."""
+    n = rows(x)
+    if n is None or n == 2 * batch:
+        return x
+    if n != batch:
+        raise ValueError(f"{name} must have batch {batch} or {2 * batch} in a NAG call, got {n}")
+    return torch.cat([x, x]) if isinstance(x, torch.Tensor) else type(x)(list(x) * 2)
+
+
+def single(name: str, x, batch: int):
+    """``x`` with ``batch`` rows (a forward where NAG is off), from ``batch`` or ``2 * batch``."""
+    n = rows(x)
+    if n is None or n == batch:
+        return x
+    if n != 2 * batch:
+        raise ValueError(f"{name} must have batch {batch} or {2 * batch} in a NAG call, got {n}")
+    return x[:batch]
+
+
+def pre_hook(module, args, kwargs):
+    """The forward pre-hook of a patched model (see the module docstring)."""
+    state: NAGState = getattr(module, STATE_ATTR)
+    family = state.family
+    kw = as_kwargs(state.names, args, kwargs)
+    extra_name = family.attention_kwargs
+    extra = dict(kw.get(extra_name) or {}) if extra_name else {}
+    overrides = {CALL_KEYS[key]: extra.pop(key) for key in list(extra) if key in CALL_KEYS}
+    if extra_name and (extra_name in kw or overrides):
+        kw[extra_name] = extra
+    config = (state.call_config or state.config).replace(**overrides)
+
+    batch = rows(kw[family.latents])
+    text = kw.get(family.text)
+    text_rows = rows(text)
+    if text_rows is None or text_rows == batch:
+        return (), kw  # plain forward
+    if family.batched_cfg and batch < text_rows < 2 * batch:
+        return _batched_cfg(family, config, kw, extra, batch, text_rows - batch)
+    if text_rows != 2 * batch:
+        raise ValueError(
+            f"{family.text} must have the batch of {family.latents} ({batch}, a plain forward) or twice it "
+            f"({2 * batch}: positive rows, then NAG-negative rows), got {text_rows}"
+        )
+    for name in family.per_branch:
+        if kw.get(name) is not None and rows(kw[name]) != 2 * batch:
+            raise ValueError(f"{name} must have batch {2 * batch} like {family.text}, got {rows(kw[name])}")
+    family.check_guided(module, kw, batch)
+
+    on = is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value)
+    if not on:  # a plain forward at the plain cost
+        for name in (family.text, *family.per_branch, *family.expand):
+            if kw.get(name) is not None:
+                kw[name] = single(name, kw[name], batch)
+        return (), kw
+    for name in family.expand:
+        if kw.get(name) is not None:
+            kw[name] = doubled(name, kw[name], batch)
+    record = NAGForward(
+        batch, family.text_len(text), config.scale, config.tau, config.alpha, config.norm, config.backend, config.mode
+    )
+    family.deliver(kw, extra, record)
+    return (), kw
+
+
+def _batched_cfg(family, config: NAGConfig, kw: dict, extra: dict, batch: int, guided: int):
+    """A call whose latents hold CFG's unconditional and conditional rows together (``batch`` rows) and whose text
+    holds one row per latent row followed by the NAG-negative rows of the last ``guided`` latent rows (the
+    conditional ones): only those are guided; the unconditional rows run plain."""
+    if not is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value):
+        for name in (family.text, *family.per_branch):  # per-text-row tensors lose the NAG-negative rows too
+            if rows(kw.get(name)) == batch + guided:
+                kw[name] = kw[name][:batch]
+        return (), kw
+    text = kw[family.text]
+    record = NAGForward(
+        batch, family.text_len(text), config.scale, config.tau, config.alpha, config.norm, config.backend,
+        config.mode, guided,
+    )
+    family.deliver(kw, extra, record)
+    return (), kw

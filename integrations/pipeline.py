@@ -1,0 +1,236 @@
+"""Call-time NAG arguments on a diffusers pipeline, and the marking of its guided transformer call.
+
+``patch(pipe)`` gives the pipeline instance a subclass of its own class (same name and module, so diffusers' name
+lookups and ``save_pretrained`` are unchanged) whose ``__call__`` accepts the ``nag_*`` arguments and otherwise calls
+the stock ``__call__``; ``unpatch`` puts the stock class back.
+
+How the guided call is marked (docs/spec.md, "The guided call"): for the duration of a NAG call, ``encode_prompt``
+is wrapped. The call that encodes the pipeline call's own prompt (its ``prompt`` / ``prompt_embeds`` arguments are
+the call's) returns the positive conditioning with the NAG negative's rows appended, so the transformer calls that
+use it carry ``2B`` text rows and ``B`` latents: the guided forward of the transformer contract (``guided.py``). Every
+other encoding (the true-CFG negative prompt) and every transformer call made with it stays plain, whatever the
+pipeline's order of calls. A family's ``PromptAdapter`` says how its pipelines encode a negative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from .guided import state_of
+from .registry import family_for_pipeline
+
+SETTINGS = ("nag_scale", "nag_tau", "nag_alpha", "nag_end")
+
+_CLASSES: dict[type, type] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptAdapter:
+    """How a family's pipelines encode a NAG negative with their own ``encode_prompt``.
+
+    Attributes:
+        prompts: NAG argument -> ``encode_prompt`` argument for the negative's text (``{"nag_negative_prompt":
+            "prompt", "nag_negative_prompt_2": "prompt_2"}``); the first is required (``""`` when not given).
+        embeds: NAG argument -> index in ``encode_prompt``'s result of the pre-encoded tensor it replaces
+            (``{"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 1}``); all or none given.
+        per_branch: indices in ``encode_prompt``'s result of the tensors that get the negative's rows appended.
+        positive: ``encode_prompt`` arguments that hold the call's own prompt (compared with the call's arguments of
+            the same name), so the positive encoding is told from the others.
+        forwarded: ``encode_prompt`` arguments passed on unchanged when encoding the negative.
+        per_image_arg: the ``encode_prompt`` argument giving the rows per prompt (Wan: ``num_videos_per_prompt``).
+        negative_kwargs: fixed ``encode_prompt`` arguments for the negative's encoding, as ``(name, value)`` pairs
+            (e.g. ``(("do_classifier_free_guidance", False),)``: the negative needs no CFG negative of its own).
+        call_patches: ``(method name, make)`` pairs: for the duration of a NAG call the pipeline's method is
+            replaced by ``make(original)`` (e.g. a step that builds a per-latent-row tensor from the text rows).
+    """
+
+    prompts: dict
+    embeds: dict
+    per_branch: tuple[int, ...] = (0,)
+    positive: tuple[str, ...] = ("prompt", "prompt_embeds")
+    forwarded: tuple[str, ...] = ("device", "num_images_per_prompt", "max_sequence_length", "lora_scale")
+    per_image_arg: str = "num_images_per_prompt"
+    negative_kwargs: tuple = ()
+    call_patches: tuple = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.prompts, *self.embeds)
+
+    def check(self, negatives: dict) -> None:
+        """Types and combinations of the NAG-negative arguments, before anything runs."""
+        given = {name for name in self.embeds if negatives.get(name) is not None}
+        if given and given != set(self.embeds):
+            raise ValueError(f"{' and '.join(self.embeds)} must be given together")
+        if given and any(negatives.get(name) is not None for name in self.prompts):
+            raise ValueError(f"give either {' / '.join(self.prompts)} or {' / '.join(self.embeds)}, not both")
+        for name in self.prompts:
+            value = negatives.get(name)
+            if value is not None and not (isinstance(value, str) or (isinstance(value, list) and value)):
+                raise TypeError(f"{name} must be a str or a non-empty list of str, got {type(value).__name__}")
+        for name in self.embeds:
+            x = negatives.get(name)
+            if x is not None and not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+    def is_positive(self, call_args: dict, encode_args: dict) -> bool:
+        return all(encode_args.get(name) is call_args.get(name) for name in self.positive)
+
+    def encode_negative(self, encode, encode_args: dict, result, negatives: dict) -> dict:
+        """The NAG negative's tensors (result index -> tensor) with the rows of the positive ``result``."""
+        first = result[self.per_branch[0]]
+        per_image = encode_args.get(self.per_image_arg) or 1
+        images = first.shape[0]
+        if any(negatives.get(name) is not None for name in self.embeds):
+            return {
+                index: _broadcast(name, negatives[name], images, per_image) for name, index in self.embeds.items()
+            }
+        prompts = images // per_image
+        kwargs = {key: encode_args[key] for key in self.forwarded if key in encode_args}
+        for name, argument in self.prompts.items():
+            default = "" if name == next(iter(self.prompts)) else None
+            kwargs[argument] = _per_prompt(name, negatives.get(name, default) or default, prompts)
+        kwargs.update(self.negative_kwargs)
+        encoded = encode(**kwargs)
+        return {index: encoded[index] for index in self.per_branch}
+
+    def append(self, result, negative: dict):
+        """``result`` with each per-branch tensor followed by the negative's rows (checked against it)."""
+        out = list(result)
+        names = {index: name for name, index in self.embeds.items()}
+        for index in self.per_branch:
+            ref, x = result[index], negative[index]
+            name = names.get(index, "the NAG negative's embeddings")
+            if x.shape[1:] != ref.shape[1:]:
+                raise ValueError(
+                    f"{name} must have the per-row shape {tuple(ref.shape[1:])} of the prompt's "
+                    f"(same max_sequence_length), got {tuple(x.shape[1:])}"
+                )
+            out[index] = torch.cat([ref, x.to(device=ref.device, dtype=ref.dtype)])
+        return type(result)(out) if isinstance(result, tuple) else out
+
+
+def _per_prompt(name: str, value, prompts: int):
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    if len(values) == 1:
+        return values * prompts
+    if len(values) != prompts:
+        raise ValueError(f"{name} must be one string or a list of 1 or {prompts} (one per prompt), got {len(values)}")
+    return values
+
+
+def _broadcast(name: str, x: torch.Tensor, images: int, per_image: int) -> torch.Tensor:
+    prompts = images // per_image
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have a batch dim and the per-row shape of the prompt's embeddings, got {tuple(x.shape)}")
+    if x.shape[0] == images:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(images, *x.shape[1:])
+    if x.shape[0] == prompts:
+        return x.repeat_interleave(per_image, dim=0)  # the order of encode_prompt: each prompt's images together
+    raise ValueError(f"{name} must have batch 1, {prompts} (one per prompt) or {images} (one per image), got {x.shape[0]}")
+
+
+def is_patched(pipe) -> bool:
+    return type(pipe) in _CLASSES.values()
+
+
+def stock_class(pipe) -> type:
+    return type(pipe).__bases__[0] if is_patched(pipe) else type(pipe)
+
+
+def patch(pipe) -> None:
+    if not is_patched(pipe):
+        pipe.__class__ = _nag_class(type(pipe))
+
+
+def unpatch(pipe) -> None:
+    if is_patched(pipe):
+        pipe.__class__ = stock_class(pipe)
+
+
+def _nag_class(base: type) -> type:
+    if base in _CLASSES:
+        return _CLASSES[base]
+    family = family_for_pipeline(base.__name__)
+    names = (*family.prompts.names, *SETTINGS)
+
+    def __call__(self, *args, **kwargs):
+        nag = {name: kwargs.pop(name) for name in names if name in kwargs}
+        nag = {name: value for name, value in nag.items() if value is not None}
+        return _call(self, base, family, args, kwargs, nag)
+
+    __call__.__doc__ = (
+        f"``{base.__name__}.__call__`` with Normalized Attention Guidance (nag-kernels). Extra arguments: "
+        f"{', '.join(f'``{n}``' for n in names)} (one negative for all prompts or one per prompt; pre-encoded "
+        "embeddings with batch 1, one per prompt or one per image; the settings override apply_nag's). NAG acts "
+        "when a NAG negative or ``nag_scale`` is given and ``nag_scale > 1``; without NAG arguments this is the "
+        "stock call.\n\n" + (base.__call__.__doc__ or "")
+    )
+    namespace = {"__call__": __call__, "__module__": base.__module__, "__qualname__": base.__qualname__}
+    _CLASSES[base] = type(base.__name__, (base,), namespace)
+    return _CLASSES[base]
+
+
+def _guided_models(pipe, family) -> list:
+    models = []
+    for attr in family.guided_models:
+        model = getattr(pipe, attr, None)
+        if model is None:
+            continue
+        model = getattr(model, "_orig_mod", model)  # torch.compile(transformer) after apply_nag
+        if state_of(model) is None:
+            raise RuntimeError(
+                f"{type(pipe).__name__}.{attr} is not patched for NAG (it was replaced or passed to remove_nag after "
+                "apply_nag(pipe)); call nag_kernels.integrations.apply_nag(pipe) again"
+            )
+        models.append(model)
+    return models
+
+
+def _call(pipe, base: type, family, args, kwargs, nag: dict):
+    if not nag:
+        return base.__call__(pipe, *args, **kwargs)
+    models = _guided_models(pipe, family)
+    settings = {key[len("nag_"):]: nag.get(key) for key in SETTINGS}
+    config = state_of(models[0]).config.replace(**settings)
+    adapter = family.prompts
+    negatives = {name: nag.get(name) for name in adapter.names}
+    adapter.check(negatives)
+    has_negative = any(value is not None for value in negatives.values())
+    if config.scale <= 1 or not (has_negative or "nag_scale" in nag):
+        return base.__call__(pipe, *args, **kwargs)
+
+    call_args = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments
+    original = pipe.encode_prompt
+    signature = inspect.signature(original)
+    done = []
+
+    def encode_prompt(*a, **kw):
+        result = original(*a, **kw)
+        encode_args = signature.bind(*a, **kw).arguments
+        if done or not adapter.is_positive(call_args, encode_args):
+            return result  # another encoding (e.g. the true-CFG negative prompt): its calls stay plain
+        done.append(True)
+        negative = adapter.encode_negative(original, encode_args, result, negatives)
+        return adapter.append(result, negative)
+
+    pipe.__dict__["encode_prompt"] = encode_prompt
+    for name, make in adapter.call_patches:
+        pipe.__dict__[name] = make(getattr(pipe, name))
+    for model in models:
+        state_of(model).call_config = config
+    try:
+        return base.__call__(pipe, *args, **kwargs)
+    finally:
+        for model in models:
+            state_of(model).call_config = None
+        pipe.__dict__.pop("encode_prompt", None)
+        for name, _ in adapter.call_patches:
+            pipe.__dict__.pop(name, None)
