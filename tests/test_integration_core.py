@@ -22,7 +22,7 @@ def config(model):
     return model._nag_state.config
 
 
-def test_apply_without_values_takes_the_family_recommendation_for_the_pipeline():
+def test_apply_without_values_takes_the_family_recommendation_in_pipelines():
     assert config(apply_nag(flux_toy.transformer())).end == 1.0  # the model alone: the family's defaults
     kontext = apply_nag(flux_toy.pipeline(FluxKontextPipeline))
     assert (config(kontext.transformer).end, config(kontext.transformer).scale) == (0.25, 5.0)  # authors' Kontext
