@@ -62,22 +62,34 @@ FLUX_TINY = dict(
 )
 FLUX_TINY_TEXT_TOKENS = 32
 
-# Wan 2.1 T2V-14B (Wan-AI/Wan2.1-T2V-14B, config.json): dim 5120 (40 heads x 128). 480p = 832x480, 81 frames:
-# the VAE compresses time 4x ((81 - 1) / 4 + 1 = 21 latent frames) and space 8x, patch (1, 2, 2):
-# 21 * (480 / 16) * (832 / 16) = 21 * 30 * 52 = 32760 tokens. Cross-attention: NAG acts on attn2's output.
-WAN14B_480P_TOKENS = 21 * (480 // 16) * (832 // 16)
+# Wan 2.1 T2V-14B (Wan-AI/Wan2.1-T2V-14B, config.json): dim 5120 (40 heads x 128). The VAE compresses time 4x
+# (81 frames: (81 - 1) / 4 + 1 = 21 latent frames) and space 8x, patch (1, 2, 2). 480p = 832x480:
+# 21 * (480 / 16) * (832 / 16) = 21 * 30 * 52 = 32760 tokens; 720p = 1280x720: 21 * 45 * 80 = 75600 tokens.
+# Cross-attention: NAG acts on attn2's output. Batch 1 (NAG replaces CFG's second pass).
 WAN14B_CHANNELS = 40 * 128
+WAN_LATENT_FRAMES_81 = (81 - 1) // 4 + 1
+
+
+def wan_tokens(height: int, width: int, latent_frames: int = WAN_LATENT_FRAMES_81) -> int:
+    return latent_frames * (height // 16) * (width // 16)
+
 
 # SD3.5 Large (stabilityai/stable-diffusion-3.5-large, transformer/config.json): 38 heads x 64 = 2432; 1024^2:
 # 128x128 latent, patch 2 -> 4096 image tokens. Batch 2 = the CFG batch (uncond + cond) of the stock pipeline.
 SD35L_CHANNELS = 38 * 64
 SD35L_1024_TOKENS = (1024 // 8 // 2) ** 2
 
-# SDXL (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): block_out_channels [320, 640, 1280]; the first
-# attention level (640 channels, 10 heads x 64) sees the 128x128 latent downsampled once: 64 x 64 = 4096 tokens.
-# Batch 2 = the CFG batch.
-SDXL_CHANNELS = 640
-SDXL_1024_LEVEL1_TOKENS = (1024 // 8 // 2) ** 2
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): block_out_channels [320, 640, 1280], attention
+# in the second and third levels (head dim 64). At 1024^2 the 128x128 latent is downsampled once for the second level
+# (640 channels, 64 x 64 = 4096 tokens) and twice for the third level and the mid block (1280 channels, 32 x 32 =
+# 1024 tokens). Batch 2 = the CFG batch.
+SDXL_LEVEL2_CHANNELS, SDXL_1024_LEVEL2_TOKENS = 640, (1024 // 8 // 2) ** 2
+SDXL_LEVEL3_CHANNELS, SDXL_1024_LEVEL3_TOKENS = 1280, (1024 // 8 // 4) ** 2
+
+# Qwen-Image (Qwen/Qwen-Image, transformer/config.json): 24 heads x 128 = 3072; VAE 8x, patch 2. Its native 1328^2:
+# 1328 / 16 = 83 -> 83 * 83 = 6889 image tokens. Batch 1.
+QWEN_IMAGE_CHANNELS = 24 * 128
+QWEN_IMAGE_1328_TOKENS = (1328 // 16) ** 2
 
 
 def _flux(res: int, batch: int) -> ModelShape:
@@ -99,11 +111,17 @@ KERNEL_SHAPES: dict[str, ModelShape] = {
         _flux(2048, 1),
         _flux(2048, 2),
         _flux(2048, 4),
-        ModelShape(
-            "wan14b-480p", 1, WAN14B_480P_TOKENS, WAN14B_CHANNELS, "Wan2.1-14B 832x480x81: 21x30x52 tokens, 40x128"
-        ),
+        ModelShape("wan14b-480p", 1, wan_tokens(480, 832), WAN14B_CHANNELS,
+                   "Wan2.1-14B 832x480, 81 frames: 21x30x52 tokens, 40 heads x 128"),
+        ModelShape("wan14b-720p", 1, wan_tokens(720, 1280), WAN14B_CHANNELS,
+                   "Wan2.1-14B 1280x720, 81 frames: 21x45x80 tokens, 40 heads x 128"),
         ModelShape("sd35l-1024", 2, SD35L_1024_TOKENS, SD35L_CHANNELS, "SD3.5-Large 1024^2: 4096 tokens, 38x64, CFG batch"),
-        ModelShape("sdxl-1024", 2, SDXL_1024_LEVEL1_TOKENS, SDXL_CHANNELS, "SDXL 1024^2 first attention level, CFG batch"),
+        ModelShape("sdxl-1024", 2, SDXL_1024_LEVEL2_TOKENS, SDXL_LEVEL2_CHANNELS,
+                   "SDXL 1024^2, second UNet level (first with attention): 64x64 tokens, 640 channels, CFG batch"),
+        ModelShape("sdxl-1024-1280ch", 2, SDXL_1024_LEVEL3_TOKENS, SDXL_LEVEL3_CHANNELS,
+                   "SDXL 1024^2, third UNet level and mid block: 32x32 tokens, 1280 channels, CFG batch"),
+        ModelShape("qwen-image-1328", 1, QWEN_IMAGE_1328_TOKENS, QWEN_IMAGE_CHANNELS,
+                   "Qwen-Image 1328^2: 83x83 tokens, 24 heads x 128"),
     ]
 }
 

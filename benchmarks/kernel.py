@@ -281,6 +281,9 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
              "Peak extra: CUDA allocator peak above the inputs during one call (n/a on CPU). Max rel err: "
              "max |out - ref| / max |ref| against eager nag_reference.\n\nProviders:\n\n"
              + "\n".join(f"- `{p}`: {PROVIDER_LEGEND[p]}" for p in PROVIDERS if any(r["provider"] == p for r in rows))
+             + "\n\nShapes `[batch, tokens, channels]`:\n\n"
+             + "\n".join(f"- `{n}` {kernel_shape(n).shape}: {kernel_shape(n).source}"
+                         for n in dict.fromkeys(r["shape_name"] for r in rows))
              + "\n")
     if targets:
         text += "\n## Targets\n\n```\n" + "\n".join(target_lines(targets)) + "\n```\n"

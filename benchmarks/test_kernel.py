@@ -8,6 +8,7 @@ import torch
 
 from benchmarks import harness as h
 from benchmarks import kernel
+from benchmarks.configs import KERNEL_SHAPES
 from benchmarks.__main__ import main
 from nag_kernels.reference import nag_reference
 
@@ -64,7 +65,13 @@ def test_presets_and_targets():
     assert ("flux-1024-b1", "fp32", "l1") in quick  # the CPU backend target's case is in the CPU default
     suite = kernel.PRESETS["gpu-suite"]
     assert ("flux-1024-b1", "bf16", "l1") in suite and ("flux-2048-b2", "bf16", "l1") in suite
-    assert len(kernel.cases(type("A", (Args,), {"preset": "full"}), CPU)) == 9 * 3 * 2
+    full = kernel.cases(type("A", (Args,), {"preset": "full"}), CPU)
+    assert len(full) == len(KERNEL_SHAPES) * 3 * 2
+    named = {"wan14b-720p": (1, 75600, 5120), "sdxl-1024": (2, 4096, 640), "sdxl-1024-1280ch": (2, 1024, 1280),
+             "sd35l-1024": (2, 4096, 2432), "qwen-image-1328": (1, 6889, 3072), "wan14b-480p": (1, 32760, 5120)}
+    for name, shape in named.items():
+        assert KERNEL_SHAPES[name].shape == shape and (name, "bf16", "l1") in full and (name, "bf16", "l1") in suite
+    assert {c[0] for c in quick} == {"flux-1024-b1", "sdxl-1024"}  # a CPU run keeps small shapes
 
     rows = [dict(shape_name="flux-1024-b1", dtype="fp32", norm="l1", provider="torch_backend", status="ok",
                  x_authors=2.5)]
