@@ -1,7 +1,7 @@
 """Tiny random-weight SD3 / SD3.5 components built offline (no model hub), for the SD3 integration tests.
 
 3 joint blocks (the first with SD3.5's dual attention, RMS QK norms), 2 heads x 16, two CLIP encoders of width 16
-(pooled 16 + 16 = 32) and a T5 of width 32; 32x32 images = 16x16 latents of 4 channels = 64 image tokens (patch 2);
+(pooled 16 + 16 = 32) and a T5 of width 32; 32x32 images = 16x16 latents of 16 channels = 64 image tokens (patch 2);
 8 CLIP + 8 T5 = 16 text tokens.
 """
 
@@ -15,7 +15,7 @@ import flux_toy
 
 SEQ_LEN = flux_toy.SEQ_LEN  # T5 tokens (max_sequence_length); CLIP gives as many (its model_max_length)
 SIZE = 32
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 16
 CLIP_DIM = 16
 TEXT_DIM = 32  # T5 width = joint_attention_dim; pooled width = 2 * CLIP_DIM
 
