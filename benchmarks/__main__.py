@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     q = common.add_mutually_exclusive_group()
     q.add_argument("--quick", dest="quick", action="store_true", default=None,
-                   help="small shapes (default on a machine without a GPU); for flops: the toy Flux config")
+                   help="small shapes (default on a machine without a GPU); for flops: the toy Flux entries")
     q.add_argument("--full", dest="quick", action="store_false", help="full-size shapes, also on a CPU")
     common.add_argument("--out", default=os.environ.get("NAG_BENCH_OUT"),
                         help="directory for the JSON/markdown/PNG files (default: benchmarks/results/)")
@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
                         help="stop starting new cases after this many seconds per suite (skipped cases are recorded)")
     kernel.add_arguments(p.add_argument_group("kernel suite (--shapes, --dtypes, --norms also for overhead and sweep)"))
     flux.add_arguments(p.add_argument_group(
-        "flux suite (--resolutions, --variants, --dtype also for profile; --resolutions, --batch also for flops; "
-        "--dtype also for quality)"))
+        "flux suite (--resolutions, --variants, --dtype also for profile; --batch also for flops; --dtype also for "
+        "quality)"))
+    flops.add_arguments(p.add_argument_group("flops suite"))
     profile_step.add_arguments(p.add_argument_group("profile suite"))
     quality.add_arguments(p.add_argument_group("quality suite"))
     return p

@@ -1,6 +1,7 @@
-"""``flops`` suite: the machine-independent cost model, FLOPs per Flux transformer step counted exactly.
+"""``flops`` suite: the machine-independent cost model, FLOPs per transformer step counted exactly.
 
-The FLUX.1 transformer is built on the meta device (no memory, no weights) and each variant's forward runs under
+Each model configuration of the registry (``flops_models.MODELS``: FLUX.1 at 1024^2 and 2048^2 today) is built on
+the meta device (no memory, no weights) and each variant's forwards run under
 ``torch.utils.flop_counter.FlopCounterMode``, which counts every matmul and attention op from its shapes. Runs
 anywhere in seconds at full size. Elementwise work (norms, the NAG combine itself) is not counted: it is memory-bound
 and its FLOPs are negligible next to the matmuls. Ops that look like matmul/attention but have no FLOP formula (a
@@ -16,11 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import harness as h
-from . import random_flux
-from .configs import flux_image_tokens
-from .flux import make_inputs, model_config, nag_applied, split_rows
+from .flops_models import META, MODELS, FlopsModel, selected
+from .flux import nag_applied
 
-HELP = ("FLOPs per FLUX.1 transformer step counted on the meta device with FlopCounterMode: no NAG, true CFG, NAG exact, NAG fast; TFLOP and ratio to no NAG. Runs anywhere in seconds.")
+HELP = ("FLOPs per transformer step counted on the meta device with FlopCounterMode, per model configuration of "
+        "the registry in flops_models.py (--models; FLUX.1 at 1024^2 and 2048^2): no NAG, true CFG, NAG exact, NAG "
+        "fast; TFLOP and ratio to no NAG. Runs anywhere in seconds.")
 VARIANTS = ("no_nag", "cfg", "nag_exact", "nag_fast")
 _SUSPECT = ("mm", "matmul", "attention", "attn", "conv", "linear", "einsum")
 
@@ -52,35 +54,39 @@ def count(fn) -> dict:
     return {"flops": fc.get_total_flops(), "by_op": by_op, "uncounted_ops": uncounted, "elementwise_nag_ops": own}
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--models", help=f"comma list of model configurations ({', '.join(MODELS)}; default: every real "
+                   "model, with --quick the toys)")
+
+
+def count_variant(model, entry: FlopsModel, variant: str, inputs: dict[str, list[dict]]) -> dict:
+    """FLOPs of one step of ``variant``: its forwards (``entry.step_inputs``) counted, NAG applied for NAG variants."""
+    if variant in ("no_nag", "cfg"):
+        return count(lambda: [model(**kw) for kw in inputs[variant]])
+    mode = variant.removeprefix("nag_")
+    if mode not in entry.nag_modes:
+        raise h.Skip(f"{entry.config} has no NAG {mode} mode")
+    # exact mode counted with the PyTorch combine: the combine is elementwise either way and not counted
+    with nag_applied(model, "nag_exact_torch" if mode == "exact" else "nag_fast", META):
+        return count(lambda: [model(**kw) for kw in inputs["nag"]])
+
+
 def run(args, device: torch.device) -> h.Results:
-    meta = torch.device("meta")
-    quick = bool(args.quick)  # full size by default, also on a CPU: nothing is computed
-    name, config, text_tokens = model_config(quick)
-    resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else ([256, 512] if quick else [1024, 2048])
-    env = h.environment(meta)
+    entries = selected(args.models, bool(args.quick))  # full size by default, also on a CPU: nothing is computed
+    env = h.environment(META)
     env["counted_on"] = h.device_name(torch.device("cpu"))
     results = h.Results("flops", env, args.out)
-    results.extra.update(config_name=name, config=config, batch=args.batch, text_tokens=text_tokens)
-    h.log(f"flops suite: {name} on the meta device, resolutions {resolutions}, batch {args.batch}")
-    transformer = random_flux.transformer(config, meta, torch.bfloat16)
-    for res in resolutions:
-        inputs = make_inputs(config, res, text_tokens, args.batch, 2 * args.batch, torch.bfloat16, meta)
-        pos, neg = split_rows(inputs, slice(0, args.batch)), split_rows(inputs, slice(args.batch, 2 * args.batch))
-        base = dict(config=name, resolution=res, image_tokens=flux_image_tokens(res), text_tokens=text_tokens,
-                    batch=args.batch)
+    results.extra.update(models=[m.key for m in entries], batch=args.batch)
+    h.log(f"flops suite on the meta device: {', '.join(m.key for m in entries)}, batch {args.batch}")
+    for entry in entries:
+        model = entry.build()
+        inputs = entry.step_inputs(args.batch)
+        base = dict(model=entry.key, config=entry.config, resolution=entry.resolution, image_tokens=entry.image_tokens,
+                    text_tokens=entry.text_tokens, batch=args.batch)
         for v in VARIANTS:
             t0 = time.perf_counter()
-
-            def measure():
-                if v == "no_nag":
-                    return count(lambda: transformer(**pos))
-                if v == "cfg":
-                    return count(lambda: (transformer(**pos), transformer(**neg)))
-                with nag_applied(transformer, "nag_exact_torch" if v == "nag_exact" else v, meta):
-                    return count(lambda: transformer(**inputs))
-
-            res_, err = h.guarded(measure, meta)
-            row = {**base, "variant": v, "case": f"{name} {res} {v}", **(err or res_)}
+            res_, err = h.guarded(lambda: count_variant(model, entry, v, inputs), META)
+            row = {**base, "variant": v, "case": f"{entry.config} {entry.resolution} {v}", **(err or res_)}
             if res_:
                 row["tflop"] = res_["flops"] / 1e12
                 row["count_s"] = round(time.perf_counter() - t0, 1)
@@ -92,9 +98,11 @@ def run(args, device: torch.device) -> h.Results:
 
 
 def add_ratios(rows: list[dict]) -> None:
+    def where(r):  # runs from before the registry have no "model" key: one config per run
+        return r.get("model", r["config"]), r["resolution"]
+
     for r in rows:
-        ref = next((x for x in rows if x["resolution"] == r["resolution"] and x["variant"] == "no_nag"
-                    and x["status"] == "ok"), None)
+        ref = next((x for x in rows if where(x) == where(r) and x["variant"] == "no_nag" and x["status"] == "ok"), None)
         if r["status"] == "ok" and ref:
             r["ratio_vs_no_nag"] = r["flops"] / ref["flops"]
 
