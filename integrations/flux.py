@@ -28,6 +28,8 @@ Every decision is made on shapes or Python values, except the ``nag_end`` test (
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
@@ -45,7 +47,8 @@ from .pipeline import PromptAdapter
 from .forward_patch import patch_forward
 from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
 from .registry import register_family
-from .split_attention import branch_join, combine, heads, image_attention
+from . import parallel
+from .split_attention import branch_join, heads
 
 # Supported pipelines -> the recommended settings that differ from the family's there.
 PIPELINES = {
@@ -69,9 +72,11 @@ class NAGFluxAttnProcessor(NAGProcessor):
         if attention_mask is None and self._parallel_config is None:
             return nag.mode == "fast" or self.backend_is_torch()
         if nag.mode == "fast":
+            if attention_mask is None:  # context parallelism: parallel.image_attention runs diffusers' CP templates
+                return True
             raise ValueError(
-                "mode='fast' supports neither attention masks nor context-parallel configs (the split image "
-                "attention has no mask/parallel path); use mode='exact'"
+                "mode='fast' supports neither attention masks (the split image attention has no mask path); use "
+                "mode='exact'"
             )
         return False
 
@@ -102,7 +107,10 @@ class NAGFluxAttnProcessor(NAGProcessor):
             txt_q, txt_k = rope(txt_q, text_rope), rope(txt_k, text_rope)
             # Text queries of each branch over [text_b ; image] (image K/V shared), through the user's backend.
             text = self.attend(txt_q, branch_join(txt_k, key), branch_join(txt_v, value))  # [2B, T, C]
-            image = image_attention(query, key, value, txt_k, txt_v, nag)  # [B, N, C], merged and combined
+            image = parallel.image_attention(  # [B, N, C], merged and combined
+                query, key, value, txt_k, txt_v, nag, parallel_config=self._parallel_config,
+                group=parallel.tp_group_of(attn),
+            )
         else:
             # Both branches see the same image Q/K/V: tile to 2B and join each branch's text in front.
             query = branch_join(txt_q, query)
@@ -113,16 +121,17 @@ class NAGFluxAttnProcessor(NAGProcessor):
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
             out = self.attend(query, key, value, attention_mask)  # [2B, T + N, C]
             image = out[:, text_len:]
-            image = combine(image[:batch], image[batch:], nag)  # [B, N, C]
+            image = parallel.combine(image[:batch], image[batch:], nag, parallel.tp_group_of(attn))  # [B, N, C]
             text = out[:, :text_len].contiguous()
         image = attn.to_out[1](attn.to_out[0](image))
         return image, attn.to_add_out(text)
 
     def single_fast(self, block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, nag):
         """A whole single block in fast mode (``flux_fast.fast_single_block``); returns ``(text [2B], image [B])``."""
-        self._can_split(attention_mask, nag)  # raises on a mask / context parallelism
+        self._can_split(attention_mask, nag)  # raises on a mask
         return fast_single_block(
-            block, self.attend, hidden_states, encoder_hidden_states, temb, image_rotary_emb, nag
+            block, self.attend, hidden_states, encoder_hidden_states, temb, image_rotary_emb, nag,
+            parallel_config=self._parallel_config,
         )
 
     def _single(self, attn, hidden_states, attention_mask, image_rotary_emb, nag):
@@ -134,7 +143,8 @@ class NAGFluxAttnProcessor(NAGProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         out = self.attend(query, key, value, attention_mask)  # [2B, T + N, C]
         image = out[:, text_len:]
-        combine(image[:batch], image[batch:], nag, out=image[:batch])  # in place, positive half
+        group = parallel.tp_group_of(attn)
+        parallel.combine(image[:batch], image[batch:], nag, group, out=image[:batch])  # in place, positive half
         image[batch:].copy_(image[:batch])  # the authors write the guided tokens into both halves
         return out
 
@@ -176,6 +186,9 @@ def _single_block_forward(self, *args, **kwargs):
             jak.get("attention_mask"),
             nag,
         )
+    text_len = kw["encoder_hidden_states"].shape[1]
+    if text_len != nag.text_len:  # context parallelism split the text after the pre-hook read its length
+        kw["joint_attention_kwargs"] = {**jak, "nag": dataclasses.replace(nag, text_len=text_len)}
     if kw["hidden_states"].shape[0] == nag.batch:  # only the first single block gets the B-row image stream
         kw["hidden_states"] = torch.cat([kw["hidden_states"], kw["hidden_states"]])
     text, image = forward_patch.call_previous(self, **kw)

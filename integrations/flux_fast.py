@@ -17,7 +17,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from .split_attention import branch_join, heads, image_attention
+from . import parallel
+from .split_attention import branch_join, heads, image_attention  # noqa: F401  (re-exported)
 
 
 def qkv(attn, x: torch.Tensor):
@@ -44,7 +45,7 @@ def rope(x: torch.Tensor, table) -> torch.Tensor:
     return x if table is None else apply_rotary_emb(x, table, sequence_dim=1)
 
 
-def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag):
+def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag, *, parallel_config=None):
     """Fast-mode attention of a single block (``pre_only`` ``FluxAttention``, one set of projections for all tokens).
 
     Args:
@@ -52,6 +53,7 @@ def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag):
         attend: ``(q, k, v) -> [B', S, H * D]`` attention through the user's diffusers attention backend.
         image: modulated image tokens ``[B, N, C]``; text: modulated text tokens ``[2B, T, C]``.
         image_rotary_emb: ``(cos, sin)``, each ``[T + N, D]``, for ``[text ; image]`` positions.
+        parallel_config: the processor's ``ParallelConfig`` under context parallelism (``parallel.image_attention``).
 
     Returns:
         ``(image_out [B, N, C], text_out [2B, T, C])`` before ``proj_out``.
@@ -62,10 +64,13 @@ def fast_single_attention(attn, attend, image, text, image_rotary_emb, nag):
     q, k = rope(q, image_rope), rope(k, image_rope)
     tq, tk = rope(tq, text_rope), rope(tk, text_rope)
     text_out = attend(tq, branch_join(tk, k), branch_join(tv, v))
-    return image_attention(q, k, v, tk, tv, nag), text_out
+    image_out = parallel.image_attention(
+        q, k, v, tk, tv, nag, parallel_config=parallel_config, group=parallel.tp_group_of(attn)
+    )
+    return image_out, text_out
 
 
-def fast_single_block(block, attend, image, text, temb, image_rotary_emb, nag):
+def fast_single_block(block, attend, image, text, temb, image_rotary_emb, nag, *, parallel_config=None):
     """One ``FluxSingleTransformerBlock`` in fast mode.
 
     Args:
@@ -75,6 +80,7 @@ def fast_single_block(block, attend, image, text, temb, image_rotary_emb, nag):
         temb: ``[2B, C]`` conditioning, rows matching ``text``; the image uses the first ``B`` (positive) rows.
         image_rotary_emb: ``(cos, sin)`` for ``[text ; image]`` positions.
         nag: the call's ``NAGForward``.
+        parallel_config: see ``fast_single_attention``.
 
     Returns:
         ``(text [2B, T, C], image [B, N, C])``, the order of the stock block's outputs.
@@ -87,7 +93,9 @@ def fast_single_block(block, attend, image, text, temb, image_rotary_emb, nag):
         )
     image_n, image_gate = block.norm(image, emb=temb[:batch])
     text_n, text_gate = block.norm(text, emb=temb)
-    image_attn, text_attn = fast_single_attention(block.attn, attend, image_n, text_n, image_rotary_emb, nag)
+    image_attn, text_attn = fast_single_attention(
+        block.attn, attend, image_n, text_n, image_rotary_emb, nag, parallel_config=parallel_config
+    )
 
     def finish(x, x_norm, x_attn, gate):
         mlp = block.act_mlp(block.proj_mlp(x_norm))

@@ -1,0 +1,161 @@
+"""What NAG needs under diffusers' context parallelism (CP) and tensor parallelism (TP); model-agnostic.
+
+A family's processor calls ``image_attention`` / ``combine`` here instead of ``split_attention``'s, passing its
+``_parallel_config`` (set by diffusers' ``enable_parallelism`` under context parallelism) and ``tp_group_of(attn)``;
+without parallelism they are ``split_attention``'s functions, unchanged. docs/parallelism.md explains the costs.
+
+- **Context parallelism** (Ulysses, ring, unified, the "anything" variants; diffusers' ``_cp_plan`` splits the text
+  and image tokens along the sequence after NAG's pre-hook has seen them): every rank holds its own slice of the
+  queries with all heads, so the NAG combine, a per-token operation, runs locally. Exact mode attends per branch
+  through the user's backend (which runs the CP attention). The split image attention of fast mode
+  (``split_attention.image_attention``) runs each of its two parts, image queries over the image keys and over each
+  branch's text keys, through diffusers' CP templates (Ulysses all-to-all, ring K/V rotation) around NAG's own
+  LSE-returning PyTorch kernel (``cp_attention_with_lse``): each rank gets its queries' outputs and log-sum-exps over
+  all keys, and merges and combines them locally.
+- **Tensor parallelism**: each rank holds ``heads / tp`` heads of every attention (``to_q/k/v`` column-sharded), so
+  the per-token norms of the combine, taken over all heads, are sums over the ranks: ``combine_sharded`` all-reduces
+  the two per-token partial sums (``[..., 2]``, float32) over the TP group before the clamp; the attention output is
+  never gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import nag_kernels
+from nag_kernels.attention import attention_with_lse
+
+
+def tp_group_of(attn: torch.nn.Module):
+    """The process group over which ``attn``'s heads are sharded by tensor parallelism (its query projection's weight
+    is a ``DTensor`` sharded on a mesh of more than one rank), else ``None``. ``attn`` is a diffusers attention module
+    (``to_q``, or the fused ``to_qkv``)."""
+    linear = getattr(attn, "to_q", None) or getattr(attn, "to_qkv", None)
+    weight = getattr(linear, "weight", None)
+    mesh = getattr(weight, "device_mesh", None)  # only DTensors have one
+    if mesh is None or mesh.size() == 1:
+        return None
+    return mesh.get_group()
+
+
+def image_attention(q, k, v, text_k, text_v, nag, *, parallel_config=None, group=None, text_mask=None):
+    """``split_attention.image_attention`` under parallelism: same arguments and result (this rank's queries, and
+    under tensor parallelism this rank's heads ``[B, N, H / tp * D]``).
+
+    ``parallel_config``: the processor's ``ParallelConfig`` (context parallelism: both parts run through
+    ``cp_attention_with_lse``, the merge and combine locally); ``group``: the TP group (``tp_group_of``: the merge per
+    head, the combine with all-reduced norms). Neither: ``split_attention.image_attention`` itself.
+    """
+    from .split_attention import image_attention as plain, merge_backend
+
+    cp = parallel_config if getattr(parallel_config, "context_parallel_config", None) is not None else None
+    if cp is None and group is None:
+        return plain(q, k, v, text_k, text_v, nag, **({} if text_mask is None else {"text_mask": text_mask}))
+    if text_mask is not None:
+        raise ValueError("NAG's split image attention takes no text_mask under context or tensor parallelism")
+    attend = (lambda *t: cp_attention_with_lse(*t, cp)) if cp is not None else attention_with_lse
+    batch = q.shape[0]
+    o_image, lse_image = attend(q, k, v)  # [B, N, H, D], [B, N, H]
+    o_text, lse_text = attend(torch.cat([q, q]), text_k, text_v)  # [2B, N, H, D]
+    parts = (o_image, lse_image, o_text[:batch], lse_text[:batch], o_text[batch:], lse_text[batch:])
+    if group is not None:
+        out = merge_combine_sharded(*parts, nag, group)
+    else:
+        out = nag_kernels.nag_merge(
+            *parts, nag.scale, nag.tau, nag.alpha, norm=nag.norm, backend=merge_backend(nag, q.dtype)
+        )
+    return out.flatten(2, 3).to(q.dtype)
+
+
+def combine(z_pos, z_neg, nag, group=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``split_attention.combine``, or ``combine_sharded`` over ``group`` (tensor parallelism) when given."""
+    if group is None:
+        from .split_attention import combine as plain
+
+        return plain(z_pos, z_neg, nag, out=out)
+    return combine_sharded(z_pos, z_neg, nag, group, out=out)
+
+
+def _forward_op(
+    ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    return_lse=False, _save_ctx=True, _parallel_config=None,
+):
+    """diffusers' templated-attention forward op on ``nag_kernels.attention_with_lse`` (PyTorch's SDPA kernels):
+    ``[B, S, H, D]`` in, ``(out [B, S, H, D], lse [B, S, H] float32)`` out; inference only (saves nothing)."""
+    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+        raise ValueError("NAG's context-parallel split attention takes no mask, dropout, causal or GQA arguments")
+    out, lse = attention_with_lse(query, key, value, scale=scale)
+    out, lse = out.contiguous(), lse.contiguous()
+    return (out, lse) if return_lse else out
+
+
+def _backward_op(ctx, grad_out, *args, **kwargs):
+    raise NotImplementedError("NAG's context-parallel split attention is inference-only (no backward)")
+
+
+def cp_attention_with_lse(q, k, v, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the local queries ``q [B, Sq, H, D]`` over the keys/values of **all** ranks of the CP mesh
+    (``k, v [B, Sk, H, D]`` are this rank's slice), with its log-sum-exp: ``(out [B, Sq, H, D], lse [B, Sq, H])``,
+    like ``nag_kernels.attention_with_lse`` on the gathered keys. Runs diffusers' own CP templates."""
+    try:
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+    except ImportError as err:  # pragma: no cover - diffusers < 0.36 has no context parallelism
+        raise RuntimeError(f"context parallelism needs diffusers' templated CP attention: {err}") from err
+    return _templated_context_parallel_attention(
+        q, k, v, None, 0.0, False, None, False, True, forward_op=_forward_op, backward_op=_backward_op,
+        _parallel_config=config,
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def lse_merge(o_a, lse_a, o_b, lse_b) -> torch.Tensor:
+    """The LSE merge (docs/spec.md, "The LSE merge") of two partial attentions ``o_* [B, S, H, D]`` with
+    ``lse_* [B, S, H]``, in float32 (float64 for float64): ``[B, S, H, D]``; both parts empty -> 0."""
+    dtype = _compute_dtype(o_a)
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    top = torch.maximum(lse_a, lse_b)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    w_a, w_b = torch.exp(lse_a - top).unsqueeze(-1), torch.exp(lse_b - top).unsqueeze(-1)
+    total = w_a + w_b
+    return (w_a * o_a.to(dtype) + w_b * o_b.to(dtype)) / total.masked_fill(total == 0, 1.0)
+
+
+def partial_sums(z_pos: torch.Tensor, guided: torch.Tensor, norm: str) -> torch.Tensor:
+    """This rank's part of the per-token norms: ``[..., 2]`` = (sum over the local channels of ``|z+|`` and of
+    ``|g|``; L2: of their squares). Summed over the ranks, they are the L1 norms / squared L2 norms of the token."""
+    if norm == "l1":
+        return torch.stack([z_pos.abs().sum(-1), guided.abs().sum(-1)], dim=-1)
+    return torch.stack([z_pos.square().sum(-1), guided.square().sum(-1)], dim=-1)
+
+
+def combine_sharded(z_pos, z_neg, nag, group, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The NAG combine (docs/spec.md, "The combine") of tokens whose channels ``[..., C / tp]`` are spread over the
+    ranks of ``group``: the partial norms are all-reduced (a ``[..., 2]`` float32 tensor) before the clamp. Same
+    arguments and result as ``split_attention.combine``, for this rank's channels."""
+    dtype = _compute_dtype(z_pos)
+    zp, zn = z_pos.to(dtype), z_neg.to(dtype)
+    guided = nag.scale * zp - (nag.scale - 1) * zn
+    sums = partial_sums(zp, guided, nag.norm)
+    dist.all_reduce(sums, group=group)
+    if nag.norm == "l2":
+        sums = sums.sqrt()
+    norm_pos, norm_guided = sums.unbind(-1)
+    factor = torch.clamp(nag.tau * norm_pos / norm_guided, max=1.0)
+    factor = torch.where(norm_guided == 0, torch.ones_like(factor), factor).unsqueeze(-1)
+    result = (nag.alpha * factor * guided + (1 - nag.alpha) * zp).to(z_pos.dtype)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def merge_combine_sharded(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, nag, group) -> torch.Tensor:
+    """``nag_merge`` for heads spread over ``group`` (tensor parallelism): the two LSE merges per head, then
+    ``combine_sharded`` over the token's heads on all ranks. ``o_* [B, S, H / tp, D]`` -> ``[B, S, H / tp, D]``."""
+    z_pos = lse_merge(o_shared, lse_shared, o_pos, lse_pos)
+    z_neg = lse_merge(o_shared, lse_shared, o_neg, lse_neg)
+    out = combine_sharded(z_pos.flatten(-2), z_neg.flatten(-2), nag, group)
+    return out.unflatten(-1, o_pos.shape[-2:]).to(o_pos.dtype)
