@@ -1,4 +1,5 @@
-"""An independent implementation of the authors' NAG algorithm on Flux (NAG.md section 3), for the tests.
+"""An independent implementation of the authors' NAG algorithm on Flux, for the tests (docs/spec.md, "Exact mode on
+FLUX.1").
 
 Written from the specification, not from the integration: it re-derives a whole FLUX.1 forward from the model's
 sub-modules (Linear layers are called as modules so that PEFT LoRA layers apply; norms, modulation, RoPE, attention,
@@ -87,8 +88,8 @@ def flux_forward(
     norm="l1",
     mode="exact",
 ):
-    """FLUX.1 forward; with ``2B`` text rows for ``B`` image rows, NAG: ``mode="exact"`` the authors' layout (NAG.md
-    section 3), ``mode="fast"`` the shared-image-stream definition (section 4), written as one full attention per
+    """FLUX.1 forward; with ``2B`` text rows for ``B`` image rows, NAG: ``mode="exact"`` the authors' layout
+    (docs/spec.md, "Exact mode on FLUX.1"), ``mode="fast"`` the shared-image-stream definition ("Fast mode"), written as one full attention per
     branch over ``[text_b ; image]`` (no LSE split). Returns ``[B, N, C]``."""
     batch, text_len = hidden_states.shape[0], encoder_hidden_states.shape[1]
     nag = encoder_hidden_states.shape[0] == 2 * batch

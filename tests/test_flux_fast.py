@@ -1,5 +1,5 @@
-"""apply_nag(..., mode="fast") on Flux (NAG.md section 4): against an independent fp64 definition, the split attention,
-off cases, batches, removal, mode switching, pipelines, meta cost, torch.compile, fused QKV, the Triton merge."""
+"""apply_nag(..., mode="fast") on Flux (docs/spec.md, "Fast mode"): against an independent fp64 definition, the split
+attention, off cases, batches, removal, mode switching, pipelines, meta cost, torch.compile, fused QKV, the Triton merge."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def test_pipelines_run_fast_mode(cls):
 
 
 def test_full_flux1_on_meta_fast_mode_costs_at_most_1_15x():
-    # NAG.md section 4: about 1.13x the plain step at 1024x1024 (4096 image + 512 text tokens). Every attention
+    # docs/spec.md, "Fast mode": about 1.13x the plain step at 1024x1024 (4096 image + 512 text tokens). Every attention
     # (dispatch_attention_fn for text queries, attention_with_lse for the image parts) is an aten SDPA op the
     # counter sees; the merge epilogue is elementwise (0 FLOPs in the counter's model, as for softmax).
     with torch.device("meta"):

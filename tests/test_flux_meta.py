@@ -29,7 +29,8 @@ def _flops(model, batch_text: int, image_tokens: int, text_tokens: int = 512) ->
 
 
 def test_full_flux1_on_meta_counts_the_documented_flops():
-    # NAG.md: at 1024x1024 (4096 image + 512 text tokens) a plain step is 74.4 TFLOP, the authors' layout 131.1.
+    # docs/spec.md, "Exact mode on FLUX.1": at 1024x1024 (4096 image + 512 text tokens) a plain step is 74.4 TFLOP,
+    # the authors' layout 131.1.
     # Exact mode computes the authors' layout but splits the double blocks' image-query attention (image keys once,
     # each branch's text keys, LSE-merged): N^2 + 2NT instead of 2N(N + T) query-key pairs, 4 * 3072 FLOPs each,
     # i.e. 4 * 3072 * 4096^2 = 0.206 TFLOP less per double block, 3.92 less over 19 blocks: 127.2 (1.71x).
