@@ -21,6 +21,7 @@ from . import wan  # noqa: E402,F401  (registers Wan 2.1 / 2.2)
 from . import flux2  # noqa: E402,F401  (registers FLUX.2 [dev] / [klein])
 from . import zimage  # noqa: E402,F401  (registers Z-Image)
 from . import sd3  # noqa: E402,F401
+from . import qwenimage  # noqa: E402,F401
 from . import wan  # noqa: E402,F401  (registers Wan 2.1 / 2.2)
 from . import sdxl  # noqa: E402,F401  (registers SDXL)
 from .api import apply_nag, nag, remove_nag  # noqa: E402
