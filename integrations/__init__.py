@@ -24,6 +24,7 @@ from . import sd3  # noqa: E402,F401
 from . import qwenimage  # noqa: E402,F401
 from . import wan  # noqa: E402,F401  (registers Wan 2.1 / 2.2)
 from . import sdxl  # noqa: E402,F401  (registers SDXL)
+from . import ltx  # noqa: E402,F401  (registers LTX-Video)
 from .api import apply_nag, nag, remove_nag  # noqa: E402
 from .config import NAGConfig  # noqa: E402
 from .dropin import NAGFluxPipeline, NAGFluxTransformer2DModel  # noqa: E402

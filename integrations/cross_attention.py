@@ -22,6 +22,7 @@ from .split_attention import combine
 
 RECORD_HOOK = "_nag_record_hook"
 CROSS_MODULES = "_nag_cross_modules"
+ON_RECORD = "_nag_on_record"
 
 
 def guided_cross_attention(attend, query, key, value, nag: NAGForward, mask_pos=None, mask_neg=None) -> torch.Tensor:
@@ -68,16 +69,23 @@ def _hand_record(module, args, kwargs):
     for attention in getattr(module, CROSS_MODULES):
         if hasattr(attention.processor, "record"):
             attention.processor.record = record
+    on_record = module.__dict__.get(ON_RECORD)
+    if on_record is not None:
+        on_record(module, record)
     return args, kwargs
 
 
-def hand_record(model: torch.nn.Module, cross_modules) -> None:
-    """Install ``_hand_record`` on ``model`` for its cross-attention modules (``restore_record`` undoes it)."""
+def hand_record(model: torch.nn.Module, cross_modules, on_record=None) -> None:
+    """Install ``_hand_record`` on ``model`` for its cross-attention modules (``restore_record`` undoes it);
+    ``on_record(model, record_or_None)`` is called on every forward after the processors got the record."""
     model.__dict__[CROSS_MODULES] = tuple(cross_modules)
+    if on_record is not None:
+        model.__dict__[ON_RECORD] = on_record
     model.__dict__[RECORD_HOOK] = model.register_forward_pre_hook(_hand_record, with_kwargs=True)
 
 
 def restore_record(model: torch.nn.Module) -> None:
+    model.__dict__.pop(ON_RECORD, None)
     handle = model.__dict__.pop(RECORD_HOOK, None)
     if handle is not None:
         handle.remove()
