@@ -51,8 +51,6 @@ class Family:
             last ``g`` latent rows, whose NAG-negative text rows are the last ``g`` (``NAGForward.guided``).
         timestep_value: optional ``timestep_value(timestep) -> tensor`` giving the scalar that ``nag_end`` is tested
             on (default: the first element; Wan uses the maximum over its per-token timesteps).
-        timestep_value: optional ``timestep_value(timestep) -> tensor`` giving the scalar that ``nag_end`` is tested
-            on (default: the first element; Wan uses the maximum over its per-token timesteps).
         check: optional ``check(model, kw, batch)`` raising a clear error on a guided forward's inputs that the batch rule
             alone does not catch.
     """

@@ -41,7 +41,6 @@ class PromptAdapter:
             the same name), so the positive encoding is told from the others.
         forwarded: ``encode_prompt`` arguments passed on unchanged when encoding the negative.
         per_image_arg: the ``encode_prompt`` argument giving the rows per prompt (Wan: ``num_videos_per_prompt``).
-        per_image_arg: the ``encode_prompt`` argument giving the rows per prompt (Wan: ``num_videos_per_prompt``).
         negative_kwargs: fixed ``encode_prompt`` arguments for the negative's encoding, as ``(name, value)`` pairs
             (e.g. ``(("do_classifier_free_guidance", False),)``: the negative needs no CFG negative of its own).
         call_patches: ``(method name, make)`` pairs: for the duration of a NAG call the pipeline's method is
@@ -53,7 +52,6 @@ class PromptAdapter:
     per_branch: tuple[int, ...] = (0,)
     positive: tuple[str, ...] = ("prompt", "prompt_embeds")
     forwarded: tuple[str, ...] = ("device", "num_images_per_prompt", "max_sequence_length", "lora_scale")
-    per_image_arg: str = "num_images_per_prompt"
     per_image_arg: str = "num_images_per_prompt"
     negative_kwargs: tuple = ()
     call_patches: tuple = ()
