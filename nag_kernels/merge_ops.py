@@ -3,20 +3,35 @@
 ``torch.ops.nag_kernels.nag_merge(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha,
 norm="l1", backend="auto")`` returns a new ``[B, N, H, D]`` tensor; ``torch.ops.nag_kernels.nag_merge_out(out, ...)``
 writes into ``out`` (which may be one of the ``o_*`` inputs). Both have fake implementations, so they run on meta
-tensors and trace under ``torch.compile(fullgraph=True)``; Inductor treats them as opaque calls.
+tensors and trace under ``torch.compile(fullgraph=True)``; Inductor treats them as opaque calls. Under
+``torch.compile``, ``nag_merge`` calls ``nag_merge_scalar_tensors``/``nag_merge_out_scalar_tensors`` instead, which take
+the scalars as 0-dim tensors so that changing them does not recompile (see ``ops.py``). ``nag_merge`` is
+differentiable w.r.t. the six ``o_*``/``lse_*`` tensors (``nag_merge_backward_torch``, PyTorch ops whichever backend ran
+the forward); the ``out=`` ops are inference-only.
 
-Backends, chosen as for ``nag`` (``ops.resolve_backend``): ``"triton"`` is the fused kernel of ``merge.py`` (CUDA/ROCm,
-or CPU under ``TRITON_INTERPRET=1``); ``"torch"`` is ``nag_merge_torch`` below, PyTorch ops on any device (and the
-only one that takes float64); ``"auto"`` picks Triton where it can run.
+Backends, chosen as for ``nag`` (``ops.validate_backend``): ``"triton"`` is the fused kernel of ``merge.py``
+(CUDA/ROCm, or CPU under ``TRITON_INTERPRET=1``); ``"torch"`` is ``nag_merge_torch`` below, PyTorch ops on any device
+(and the only one that takes float64); ``"auto"`` picks Triton where it can run and the dtype is not float64.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .checks import check_backend, check_float_tensor, check_last_dim_contiguous, check_like, check_params
-from .ops import direct_call_ok, validate_backend
-from .torch_backend import nag_torch
+from .checks import (
+    SCALARS,
+    as_number,
+    as_scalar_tensor,
+    check_backend,
+    check_float_tensor,
+    check_last_dim_contiguous,
+    check_like,
+    check_norm,
+    check_params,
+    check_scalar_tensor,
+)
+from .ops import direct_call_ok, read_scalars, refuse_grad_in_place, validate_backend
+from .torch_backend import nag_backward_torch, nag_torch
 
 O_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -66,8 +81,9 @@ def _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, 
 # PyTorch backend
 
 
-def _merge_torch(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, dtype) -> torch.Tensor:
-    """LSE merge of two parts in ``dtype``: normalized weights on ``[B, N, H]``, then one multiply and one addcmul."""
+def _merge_weights(lse_a: torch.Tensor, lse_b: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized LSE-merge weights ``w_a + w_b = 1`` of two parts, ``[B, N, H]`` in ``dtype`` (both 0 where both
+    parts are empty, NaN where an LSE is NaN)."""
     la, lb = lse_a.to(dtype), lse_b.to(dtype)
     m = torch.maximum(la, lb)  # propagates NaN: a NaN LSE gives NaN weights
     m = m.masked_fill(torch.isneginf(m), 0.0)  # both empty: weights exp(-inf) = 0
@@ -75,8 +91,12 @@ def _merge_torch(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_
     w_b = (lb - m).exp_()
     denom = w_a + w_b
     denom.masked_fill_(denom == 0, 1.0)
-    w_a.div_(denom)
-    w_b.div_(denom)
+    return w_a.div_(denom), w_b.div_(denom)
+
+
+def _merge_torch(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, dtype) -> torch.Tensor:
+    """LSE merge of two parts in ``dtype``: normalized weights on ``[B, N, H]``, then one multiply and one addcmul."""
+    w_a, w_b = _merge_weights(lse_a, lse_b, dtype)
     return (o_a * w_a[..., None]).addcmul_(o_b.to(dtype), w_b[..., None])
 
 
@@ -94,6 +114,39 @@ def nag_merge_torch(
     return out.copy_(result)
 
 
+def nag_merge_backward_torch(
+    grad, o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1"
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``nag_merge`` w.r.t. ``(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)`` for the output
+    gradient ``grad``, in float32 (float64 for float64 ``o_*``); the caller casts them to the input dtypes.
+
+    Recomputes the merged ``z_pos``/``z_neg`` and their weights, takes the combine's gradients ``g_z`` from
+    ``nag_backward_torch`` and, for each branch ``z = w_s * o_shared + w_b * o_b`` (``w_s + w_b = 1``), applies::
+
+        d o_shared += w_s * g_z     d o_b = w_b * g_z
+        d lse_shared += w_s * w_b * <g_z, o_shared - o_b>     d lse_b = -w_s * w_b * <g_z, o_shared - o_b>
+
+    with ``<,>`` the sum over ``head_dim``. An empty part (LSE ``-inf``) gets zero gradients; a NaN stays NaN.
+    """
+    dtype = torch.float64 if o_pos.dtype == torch.float64 else torch.float32
+    o_s = o_shared.to(dtype)
+    branches = []
+    for o_b, lse_b in ((o_pos, lse_pos), (o_neg, lse_neg)):
+        w_s, w_b = _merge_weights(lse_shared, lse_b, dtype)
+        o_b = o_b.to(dtype)
+        branches.append((o_b, w_s, w_b, o_s * w_s[..., None] + o_b * w_b[..., None]))
+    (_, _, _, z_pos), (_, _, _, z_neg) = branches
+    g_zs = nag_backward_torch(grad.flatten(-2), z_pos.flatten(-2), z_neg.flatten(-2), scale, tau, alpha, norm)
+    g_o_s, g_lse_s, per_branch = 0, 0, []
+    for (o_b, w_s, w_b, _), g_z in zip(branches, g_zs):
+        g_z = g_z.unflatten(-1, o_pos.shape[-2:])
+        g_lse = w_s * w_b * (g_z * (o_s - o_b)).sum(dim=-1)
+        g_o_s = g_o_s + w_s[..., None] * g_z
+        g_lse_s = g_lse_s + g_lse
+        per_branch += [w_b[..., None] * g_z, -g_lse]
+    return (g_o_s, g_lse_s, *per_branch)
+
+
 def _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out):
     if backend == "triton":
         from .merge import nag_merge_triton
@@ -104,6 +157,23 @@ def _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha
 
 # ----------------------------------------------------------------------------------------------------------------
 # Op registration
+
+
+def _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out=None):
+    """The ops' real implementation: validate everything with the concrete values, then run."""
+    backend = _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
+    if out is not None:
+        check_merge_out(out, o_pos)
+    return _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out)
+
+
+def _check_fake(tensors, norm, backend, out=None) -> None:
+    """Everything the fake impls can check: the tensors' metadata, ``norm`` and ``backend``."""
+    check_merge_inputs(*tensors)
+    check_norm(norm)
+    check_backend(backend)
+    if out is not None:
+        check_merge_out(out, tensors[2])
 
 
 @torch.library.custom_op("nag_kernels::nag_merge", mutates_args=())
@@ -120,15 +190,13 @@ def nag_merge_op(
     norm: str = "l1",
     backend: str = "auto",
 ) -> torch.Tensor:
-    backend = _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
-    return _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out=None)
+    return _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
 
 
 @nag_merge_op.register_fake
 def _nag_merge_fake(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", backend="auto"):
-    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend)
     check_params(scale, tau, alpha, norm)
-    check_backend(backend)
     return o_pos.new_empty(o_pos.shape)
 
 
@@ -147,19 +215,93 @@ def nag_merge_out_op(
     norm: str = "l1",
     backend: str = "auto",
 ) -> None:
-    backend = _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
-    check_merge_out(out, o_pos)
-    _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out=out)
+    _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out)
 
 
 @nag_merge_out_op.register_fake
 def _nag_merge_out_fake(
     out, o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", backend="auto"
 ):
-    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
-    check_merge_out(out, o_pos)
+    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend, out)
     check_params(scale, tau, alpha, norm)
-    check_backend(backend)
+
+
+# The ops nag_merge calls under torch.compile: the scalars as 0-dim float64 CPU tensors (see ops.py).
+
+
+@torch.library.custom_op("nag_kernels::nag_merge_scalar_tensors", mutates_args=())
+def nag_merge_scalar_tensors_op(
+    o_shared: torch.Tensor,
+    lse_shared: torch.Tensor,
+    o_pos: torch.Tensor,
+    lse_pos: torch.Tensor,
+    o_neg: torch.Tensor,
+    lse_neg: torch.Tensor,
+    scale: torch.Tensor,
+    tau: torch.Tensor,
+    alpha: torch.Tensor,
+    norm: str,
+    backend: str,
+) -> torch.Tensor:
+    scalars = read_scalars(scale, tau, alpha)
+    return _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, *scalars, norm, backend)
+
+
+@nag_merge_scalar_tensors_op.register_fake
+def _nag_merge_scalar_tensors_fake(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend):
+    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend)
+    for name, value in zip(SCALARS, (scale, tau, alpha)):
+        check_scalar_tensor(name, value)
+    return o_pos.new_empty(o_pos.shape)
+
+
+@torch.library.custom_op("nag_kernels::nag_merge_out_scalar_tensors", mutates_args=("out",))
+def nag_merge_out_scalar_tensors_op(
+    out: torch.Tensor,
+    o_shared: torch.Tensor,
+    lse_shared: torch.Tensor,
+    o_pos: torch.Tensor,
+    lse_pos: torch.Tensor,
+    o_neg: torch.Tensor,
+    lse_neg: torch.Tensor,
+    scale: torch.Tensor,
+    tau: torch.Tensor,
+    alpha: torch.Tensor,
+    norm: str,
+    backend: str,
+) -> None:
+    scalars = read_scalars(scale, tau, alpha)
+    _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, *scalars, norm, backend, out)
+
+
+@nag_merge_out_scalar_tensors_op.register_fake
+def _nag_merge_out_scalar_tensors_fake(
+    out, o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend
+):
+    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend, out)
+    for name, value in zip(SCALARS, (scale, tau, alpha)):
+        check_scalar_tensor(name, value)
+
+
+# Autograd: gradients w.r.t. the o_* and lse_* tensors (not the scalars); the out= ops are inference-only.
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:
+    *tensors, scale, tau, alpha, norm, _backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.params = (scale, tau, alpha, norm)  # floats, or 0-dim tensors for the scalar-tensor op
+
+
+def _merge_backward(ctx, grad):
+    tensors = ctx.saved_tensors
+    grads = nag_merge_backward_torch(grad, *tensors, *ctx.params)
+    wanted = ctx.needs_input_grad[: len(tensors)]
+    tensor_grads = (g.to(t.dtype) if want else None for g, t, want in zip(grads, tensors, wanted))
+    return (*tensor_grads, None, None, None, None, None)  # scale, tau, alpha, norm, backend
+
+
+nag_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+nag_merge_scalar_tensors_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,9 +315,9 @@ def nag_merge(
     lse_pos: torch.Tensor,
     o_neg: torch.Tensor,
     lse_neg: torch.Tensor,
-    scale: float,
-    tau: float = 2.5,
-    alpha: float = 0.25,
+    scale: float | torch.Tensor,
+    tau: float | torch.Tensor = 2.5,
+    alpha: float | torch.Tensor = 0.25,
     *,
     norm: str = "l1",
     out: torch.Tensor | None = None,
@@ -201,14 +343,18 @@ def nag_merge(
         o_pos, lse_pos: the same for the positive branch's own keys (e.g. its text tokens).
         o_neg, lse_neg: the same for the NAG-negative branch's own keys.
         scale: NAG scale (1 = off; typical 3-11). tau: norm-ratio clamp (> 0, typical 2.5). alpha: blend in [0, 1].
+            Python numbers or 0-dim real tensors, as for ``nag`` (they may change between calls under
+            ``torch.compile`` without recompiling each time).
         norm: ``"l1"`` (default, the paper's) or ``"l2"``.
         out: optional ``(batch, seqlen, heads, head_dim)`` output with o_pos's dtype and device, last dim
-            contiguous; may be one of the ``o_*`` inputs itself.
-        backend: ``"auto"`` (Triton on CUDA/ROCm and under ``TRITON_INTERPRET=1``, PyTorch otherwise), ``"triton"``
-            or ``"torch"``.
+            contiguous; may be one of the ``o_*`` inputs itself. Inference-only: refused when an input requires grad
+            under grad mode.
+        backend: ``"auto"`` (Triton on CUDA/ROCm and under ``TRITON_INTERPRET=1`` for float32/16/bf16, PyTorch
+            otherwise, float64 included), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``(batch, seqlen, heads, head_dim)`` in o_pos's dtype (``out`` when given). Merge and norms run in float32.
+        Differentiable w.r.t. the ``o_*`` and ``lse_*`` tensors (not the scalars) when ``out`` is not given.
 
     Example::
 
@@ -218,16 +364,33 @@ def nag_merge(
         >>> o_n, lse_n = attention_with_lse(q_img, k_txt_neg, v_txt_neg)   # NAG-negative text keys
         >>> guided = nag_kernels.nag_merge(o_img, lse_img, o_p, lse_p, o_n, lse_n, scale=5.0)
     """
+    tensors = (o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    if torch.compiler.is_compiling():
+        return _nag_merge_compiling(tensors, scale, tau, alpha, norm, out, backend)
+    scale, tau, alpha = (as_number(name, value) for name, value in zip(SCALARS, (scale, tau, alpha)))
     # Checked before dispatch too: the op schema would otherwise reject a non-tensor or a non-float with a
     # message that does not say what was expected.
-    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
+    check_merge_inputs(*tensors)
     check_params(scale, tau, alpha, norm)
-    args = (o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, float(scale), float(tau), float(alpha), norm, backend)
+    args = (*tensors, float(scale), float(tau), float(alpha), norm, backend)
     if out is not None:
         check_merge_out(out, o_pos)
-    if direct_call_ok(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, out):  # eager: skip the dispatcher
+        refuse_grad_in_place("nag_merge", *tensors, out)
+    if direct_call_ok(*tensors, out):  # eager: skip the dispatcher
         return _run(*args[:-1], validate_backend("o_pos", o_pos, backend), out=out)  # inputs checked above
     if out is None:
         return torch.ops.nag_kernels.nag_merge(*args)
     torch.ops.nag_kernels.nag_merge_out(out, *args)
+    return out
+
+
+def _nag_merge_compiling(tensors, scale, tau, alpha, norm, out, backend) -> torch.Tensor:
+    """``nag_merge`` while ``torch.compile`` traces: the scalar-tensor ops, so that changing scalars do not
+    recompile. Everything but the scalar values is checked here; the values when the compiled graph runs."""
+    _check_fake(tensors, norm, backend, out)
+    scalars = [as_scalar_tensor(name, value) for name, value in zip(SCALARS, (scale, tau, alpha))]
+    if out is None:
+        return torch.ops.nag_kernels.nag_merge_scalar_tensors(*tensors, *scalars, norm, backend)
+    refuse_grad_in_place("nag_merge", *tensors, out)
+    torch.ops.nag_kernels.nag_merge_out_scalar_tensors(out, *tensors, *scalars, norm, backend)
     return out

@@ -82,11 +82,13 @@ def test_torch_compile_in_place():
     assert_matches(torch.compile(step, fullgraph=True)(hidden.clone(), z_neg), expected, torch.float32)
 
 
-def test_gradients_are_refused_clearly():
+def test_gradients_flow_and_in_place_is_refused_clearly():
+    # gradient values: tests/test_op_autograd.py (gradcheck)
     z_pos = torch.randn(2, 8, requires_grad=True)
-    out = nag(z_pos, torch.randn(2, 8), 5.0)
-    with pytest.raises(RuntimeError, match="autograd"):
-        out.sum().backward()
+    nag(z_pos, torch.randn(2, 8), 5.0).sum().backward()
+    assert z_pos.grad is not None and z_pos.grad.shape == (2, 8)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        nag(z_pos, torch.randn(2, 8), 5.0, out=torch.empty(2, 8))
 
 
 @st.composite
