@@ -1,6 +1,6 @@
 """Fast-mode epilogue in Triton: log-sum-exp merge of partial attentions fused with the NAG combine.
 
-In fast mode (NAG.md section 4) the image queries attend once to the keys both branches share (``o_shared``,
+In fast mode (docs/spec.md, Fast mode) the image queries attend once to the keys both branches share (``o_shared``,
 ``lse_shared``) and once per branch to that branch's own keys (``o_pos``/``lse_pos``, ``o_neg``/``lse_neg``). For
 every token and head ``h`` the kernel merges each branch with the shared part::
 

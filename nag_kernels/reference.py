@@ -14,6 +14,8 @@ For one token with positive and NAG-negative attention outputs ``z_pos`` and ``z
 The norm is taken per token over the whole last dim (all heads together), L1 by default. Where both norms are
 non-zero this equals the authors' ``z_t * min(r, tau) / r`` with ``r = ||z_t|| / ||z_pos||``; unlike theirs it is
 finite for an all-zero token. A NaN anywhere in a token's inputs makes that token's output NaN, and only that token's.
+The prose specification is docs/spec.md, The combine (``nag_reference``) and The LSE merge (``merge_attention_reference``,
+``nag_merge_reference``).
 """
 
 from __future__ import annotations
