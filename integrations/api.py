@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from . import caches as _caches
 from . import pipeline as _pipeline
 from .config import NAGConfig
 from .guided import STATE_ATTR, NAGState, pre_hook, state_of
@@ -45,6 +46,7 @@ def _apply_model(model, config: NAGConfig, where: str) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"apply_nag expects a diffusers pipeline or model, got {type(model).__name__}")
     family = family_for(model)
+    _caches.check_model(model)  # diffusers caches NAG refuses (caches.py), before anything is patched
     state = state_of(model)
     if state is not None:  # a second apply_nag updates the settings and re-wraps processors set since; never stacks
         _remove_model(model)
@@ -54,6 +56,7 @@ def _apply_model(model, config: NAGConfig, where: str) -> None:
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
     names = parameter_names(type(model).forward)
     setattr(model, STATE_ATTR, NAGState(family, config, processors, patched, handle, names))
+    _caches.guard(model)  # enable_cache refuses those caches while NAG is applied
 
 
 def _remove_model(model) -> None:
@@ -61,6 +64,7 @@ def _remove_model(model) -> None:
     state.pre_hook.remove()
     state.family.restore(model, state.processors, state.patched)
     delattr(model, STATE_ATTR)
+    _caches.unguard(model)
 
 
 def apply_nag(

@@ -89,9 +89,36 @@ CP_CASES = [
 TP_CASES = [("tp", "exact", 2, True, "l1"), ("tp", "fast", 1, False, "l2"), ("tp", "exact", 1, False, "l2")]
 
 
+def run_pipeline(kind: str, mode: str) -> dict:
+    """A FluxPipeline call (batch 2, true CFG, NAG switched off past nag_end) with the transformer context-parallel,
+    against the same call in one process."""
+    from diffusers import FluxPipeline
+
+    from nag_kernels.integrations import apply_nag
+
+    pipe = apply_nag(flux_toy.pipeline(FluxPipeline, dtype=torch.float32), mode=mode, backend="torch")
+    args = dict(height=32, width=32, num_inference_steps=3, max_sequence_length=flux_toy.SEQ_LEN, output_type="latent",
+                num_images_per_prompt=2, true_cfg_scale=2.0, negative_prompt="blurry", nag_negative_prompt="a dog",
+                nag_end=0.7)
+
+    def call():
+        with torch.no_grad():
+            return pipe("a cat", generator=torch.Generator().manual_seed(0), **args).images
+
+    single = call()
+    pipe.transformer.enable_parallelism(config=ph.cp_config(kind))
+    out = call()
+    return {"single": (out - single).abs().max().item(), "finite": bool(torch.isfinite(out).all())}
+
+
+PIPELINE_CASES = [("ulysses", "exact"), ("ulysses", "fast")]
+
+
 def _cp_worker(rank: int, world: int) -> dict:
     backend = ph.register_cpu_lse_backend()
-    return {case: run_case(*case, lse_backend=backend) for case in CP_CASES}
+    results = {case: run_case(*case, lse_backend=backend) for case in CP_CASES}
+    results.update({("pipeline", *case): run_pipeline(*case) for case in PIPELINE_CASES})
+    return results
 
 
 def _tp_worker(rank: int, world: int) -> dict:
@@ -120,6 +147,12 @@ def _check(result: dict) -> None:
 @pytest.mark.parametrize("case", CP_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_context_parallel_equals_one_process(cp_results, case):
     _check(cp_results[case])
+
+
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: "-".join(c))
+def test_pipeline_call_with_a_context_parallel_transformer_equals_one_process(cp_results, case):
+    result = cp_results[("pipeline", *case)]
+    assert result["finite"] and result["single"] < 1e-5, result
 
 
 @pytest.mark.parametrize("case", TP_CASES, ids=lambda c: "-".join(map(str, c)))
