@@ -1,6 +1,8 @@
-"""nag-kernels benchmarks: ``python -m benchmarks {kernel,flux,flops,all}`` from the repo root (``--help``).
+"""nag-kernels benchmarks: ``python -m benchmarks SUITE ...`` from the repo root (``--help`` lists every suite).
 
-Suites live in ``kernel.py``, ``flux.py`` and ``flops.py`` over the shared ``harness.py``; shapes come from the
-model configs in ``configs.py``. Results go to ``benchmarks/results/`` (or ``--out``): one JSON per run, a markdown
-table and, with matplotlib installed, a PNG. ``gpu_suite.sh`` is the one-call GPU measurement behind the README.
+``suites.py`` names the suites and their modules (kernel, flux, flops, quality, overhead, profile, sweep), all over
+the shared ``harness.py``; shapes come from the model configs in ``configs.py``, random-weight Flux models from
+``random_flux.py``, the flops suite's models from ``flops_models.py``. Results go to ``benchmarks/results/`` (or
+``--out``): one JSON per run, a markdown table and, where a figure helps and matplotlib is installed, a PNG.
+``gpu_suite.sh`` is the one-call GPU measurement behind the README.
 """

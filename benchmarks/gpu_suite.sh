@@ -62,7 +62,7 @@ KERNEL_SMOKE=(); FLUX_SMOKE=(); PROFILE_SMOKE=()
 if [ "$SMOKE" = 1 ]; then
   echo "== GPU_SUITE_SMOKE=1: tiny shapes, figures meaningless"
   KERNEL_SMOKE=(--shapes tiny-odd --quick); FLUX_SMOKE=(--quick --resolutions 32,64 --compile-resolutions none --reps 1)
-  PROFILE_SMOKE=(--quick --resolutions 32 --top 5)
+  PROFILE_SMOKE=(--quick --resolutions 32 --variants no_nag,nag_fast --top 5)
 fi
 GPU_SUITE_SMOKE="$SMOKE" "$PY" - <<'PY' || { echo "== preflight failed: torch/triton/CUDA not usable; nothing measured"; exit 1; }
 import importlib, torch
