@@ -102,3 +102,50 @@ def qwen_forward(model, hidden_states, encoder_hidden_states, encoder_hidden_sta
 
     scale, shift = model.norm_out.linear(F.silu(temb)).chunk(2, dim=1)
     return model.proj_out(_ln(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+def tokenizer():
+    """A byte-level Qwen2 tokenizer without merges (one token per byte) and the chat-template special tokens."""
+    from transformers import Qwen2Tokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def text_encoder(vocab_size: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(4)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048,
+                         rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_DIM),
+        vocab_size=vocab_size,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(3)
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                  latents_std=[1.0] * 4).eval()
+
+
+def pipeline(cls, dtype: torch.dtype = torch.float64):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tok = tokenizer()
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(), text_encoder=text_encoder(len(tok)),
+               tokenizer=tok, transformer=transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
