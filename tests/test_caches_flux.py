@@ -111,6 +111,7 @@ def test_refused_cache_is_refused_by_enable_cache_and_apply_nag(pipe, name):
         apply_nag(pipe, backend="torch")
 
 
+@pytest.mark.skipif(not available("TaylorSeerCache"), reason="this diffusers has no TaylorSeerCache")
 def test_a_refused_cache_installed_through_its_apply_function_is_refused():
     model = flux_toy.transformer().double()
     hooks.apply_taylorseer_cache(model, hooks.TaylorSeerCacheConfig())
