@@ -29,19 +29,28 @@ CALL_KEYS = {"nag_scale": "scale", "nag_tau": "tau", "nag_alpha": "alpha", "nag_
 @dataclasses.dataclass(frozen=True)
 class NAGForward:
     """What the processors need for one guided forward: ``batch`` B (latent rows), ``text_len`` (text tokens), the
-    NAG parameters and ``mode`` (``"exact"`` or ``"fast"``). Under ``torch.compile`` the floats become symbolic after
-    the first change (automatic dynamic), so moving ``scale``/``tau``/``alpha`` between calls does not recompile again.
+    NAG parameters and ``mode`` (``"exact"`` or ``"fast"``).
+
+    ``pre_hook`` builds it with ``of``, which holds ``scale`` / ``tau`` / ``alpha`` as 0-dim float64 CPU tensors:
+    under ``torch.compile`` (regional compilation included) a tensor is a graph input, so moving the settings between
+    calls (a UI slider) never recompiles, where a float would be specialized, one graph per value with
+    ``dynamic=False``. ``nag_kernels.nag`` / ``nag_merge`` take either form.
     """
 
     batch: int
     text_len: int
-    scale: float
-    tau: float
-    alpha: float
+    scale: float | torch.Tensor
+    tau: float | torch.Tensor
+    alpha: float | torch.Tensor
     norm: str
     backend: str
     mode: str = "exact"
     guided: int | None = None  # batched CFG (families with ``batched_cfg``): only the last ``guided`` latent rows
+
+    @classmethod
+    def of(cls, batch: int, text_len: int, config: NAGConfig, guided: int | None = None) -> "NAGForward":
+        scale, tau, alpha = (torch.tensor(float(v), dtype=torch.float64) for v in (config.scale, config.tau, config.alpha))
+        return cls(batch, text_len, scale, tau, alpha, config.norm, config.backend, config.mode, guided)
 
     @property
     def guided_rows(self) -> int:
@@ -164,9 +173,7 @@ def pre_hook(module, args, kwargs):
     for name in family.expand:
         if kw.get(name) is not None:
             kw[name] = doubled(name, kw[name], batch)
-    record = NAGForward(
-        batch, family.text_len(text), config.scale, config.tau, config.alpha, config.norm, config.backend, config.mode
-    )
+    record = NAGForward.of(batch, family.text_len(text), config)
     family.deliver(kw, extra, record)
     return (), kw
 
@@ -181,9 +188,6 @@ def _batched_cfg(family, config: NAGConfig, kw: dict, extra: dict, batch: int, g
                 kw[name] = kw[name][:batch]
         return (), kw
     text = kw[family.text]
-    record = NAGForward(
-        batch, family.text_len(text), config.scale, config.tau, config.alpha, config.norm, config.backend,
-        config.mode, guided,
-    )
+    record = NAGForward.of(batch, family.text_len(text), config, guided)
     family.deliver(kw, extra, record)
     return (), kw

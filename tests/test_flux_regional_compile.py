@@ -48,3 +48,24 @@ def test_each_block_class_compiles_once_not_once_per_block(mode, most_graphs):
     plain = run(model, positive(kw))  # the compiled blocks now run the stock forward again
     assert not any("forward" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(plain, reference(model, positive(kw), nag_scale=1.0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "mode, dynamic", [("exact", False), ("exact", True), ("fast", None)], ids=["exact-static", "exact-dynamic", "fast-auto"]
+)
+def test_changing_nag_scale_tau_alpha_recompiles_at_most_once_under_fullgraph(mode, dynamic):
+    # A UI slider moves nag_scale / nag_tau / nag_alpha between calls: under fullgraph=True each block class may
+    # compile once more (the floats become symbolic), never once per value, and never crash.
+    torch._dynamo.reset()
+    model = flux_toy.transformer(layers=2, single_layers=2).double()
+    kw = inputs()
+    apply_nag(model, mode=mode, backend="torch")
+    counter = CompileCounter()
+    model.compile_repeated_blocks(backend=counter, fullgraph=True, dynamic=dynamic)
+    settings = [(5.0, 2.5, 0.25), (3.0, 2.5, 0.25), (7.5, 1.5, 0.5), (11.0, 3.5, 0.125)]
+    for scale, tau, alpha in settings:
+        out = run(model, kw, nag_scale=scale, nag_tau=tau, nag_alpha=alpha)
+        expected = reference(model, kw, mode=mode, nag_scale=scale, nag_tau=tau, nag_alpha=alpha)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    first = 4 if mode == "exact" else 2  # graphs of the first call (see the test above)
+    assert counter.frame_count <= 2 * first, f"{counter.frame_count} graphs for {len(settings)} settings"

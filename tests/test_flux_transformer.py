@@ -182,7 +182,7 @@ def test_unwrappable_processor_refuses_guided_calls_only_and_unknown_model_gets_
         run(model, inputs())
     remove_nag(model)
     assert model.get_submodule(name).processor is ip and not model._forward_pre_hooks
-    with pytest.raises(TypeError, match="supported models: FluxTransformer2DModel"):
+    with pytest.raises(TypeError, match="supported models: .*FluxTransformer2DModel"):
         apply_nag(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="mode must be one of"):
         apply_nag(flux_toy.transformer(), mode="approx")
