@@ -22,6 +22,7 @@ from . import flux2  # noqa: E402,F401  (registers FLUX.2 [dev] / [klein])
 from . import zimage  # noqa: E402,F401  (registers Z-Image)
 from . import sd3  # noqa: E402,F401
 from . import qwenimage  # noqa: E402,F401
+from . import chroma  # noqa: E402,F401
 from . import wan  # noqa: E402,F401  (registers Wan 2.1 / 2.2)
 from . import sdxl  # noqa: E402,F401  (registers SDXL)
 from . import ltx  # noqa: E402,F401  (registers LTX-Video)

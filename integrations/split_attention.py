@@ -61,15 +61,18 @@ def merge_backend(nag, dtype: torch.dtype) -> str:
 def masked_attention_with_lse(q, k, v, key_mask: torch.Tensor):
     """Attention with a key mask, and its log-sum-exp, in plain PyTorch ops (for the small image-to-text part).
 
-    ``q [B, Nq, H, D]``, ``k, v [B, Nk, H, D]``, ``key_mask [B, Nk]`` (bool, True = attend; or 0/1 numbers) ->
-    ``(out [B, Nq, H, D], lse [B, Nq, H])`` like ``attention_with_lse``: float32 math (float64 for float64), a
-    query whose keys are all masked gets ``out = 0`` and ``lse = -inf`` (the LSE merge's empty part).
+    ``q [B, Nq, H, D]``, ``k, v [B, Nk, H, D]``, ``key_mask [B, Nk]`` with SDPA's meaning: bool or integer (True /
+    nonzero = attend) or floating (added to the scores) -> ``(out [B, Nq, H, D], lse [B, Nq, H])`` like
+    ``attention_with_lse``: float32 math (float64 for float64), a query whose keys are all masked gets ``out = 0``
+    and ``lse = -inf`` (the LSE merge's empty part).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))  # [B, H, S, D]
     scores = (qh @ kh.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, Nq, Nk]
-    keep = key_mask.to(torch.bool)[:, None, None, :]
-    scores = scores.masked_fill(~keep, float("-inf"))
+    if key_mask.is_floating_point():
+        scores = scores + key_mask.to(compute)[:, None, None, :]
+    else:
+        scores = scores.masked_fill(~key_mask.to(torch.bool)[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Nq]; -inf where every key is masked
     weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(nan=0.0)  # all-masked rows: 0 instead of NaN
     out = (weights @ vh).transpose(1, 2).to(q.dtype)
@@ -83,7 +86,8 @@ def image_attention(q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None
         q, k, v: image queries/keys/values ``[B, N, H, D]`` (positions applied), shared by both branches.
         text_k, text_v: text keys/values ``[2B, T, H, D]``, positive rows then NAG-negative rows.
         nag: the call's ``guided.NAGForward`` (scale, tau, alpha, norm, backend).
-        text_mask: optional key mask of each branch's text ``[2B, T]`` (bool or 0/1, True = attend), e.g. the
+        text_mask: optional key mask of each branch's text ``[2B, T]`` (bool: True = attend; floating: added to the
+            scores, as SDPA's ``attn_mask``), e.g. the
             padding of Chroma's and Qwen-Image's prompts; only the image-to-text part has text keys, so only it is
             masked (``masked_attention_with_lse``). ``None``: every text key counts.
 

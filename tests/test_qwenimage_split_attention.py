@@ -41,7 +41,7 @@ def test_masked_split_attention_equals_one_masked_attention_over_the_joined_keys
     expected = nag_reference(per_branch[:B], per_branch[B:], 4.0, 1.5, 0.5, norm="l1")
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     # an all-ones mask is the unmasked split attention
-    torch.testing.assert_close(image_attention(q, k, v, tk, tv, nag, text_mask=torch.ones(2 * B, T)),
+    torch.testing.assert_close(image_attention(q, k, v, tk, tv, nag, text_mask=torch.ones(2 * B, T, dtype=torch.bool)),
                                image_attention(q, k, v, tk, tv, nag), rtol=0, atol=1e-12)
 
 
