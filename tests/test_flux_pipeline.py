@@ -254,6 +254,6 @@ def test_bad_input_gets_clear_errors_and_the_pipeline_stays_usable():
     with pytest.raises(RuntimeError, match="not patched for NAG"):
         pipe("a red cat", nag_negative_prompt="blurry", **kw)
     with pytest.raises(TypeError, match="supported pipelines"):
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import StableDiffusionPipeline
 
-        apply_nag(StableDiffusion3Pipeline.__new__(StableDiffusion3Pipeline))
+        apply_nag(StableDiffusionPipeline.__new__(StableDiffusionPipeline))
