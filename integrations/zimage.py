@@ -5,7 +5,8 @@ tokens stay identical through every joined layer: the shared image stream comput
 of duplicating the caption alone. Both mode names run it.
 
 One guided forward (``x``: B latents, ``cap_feats``: 2B captions = the B positive then the B NAG-negative, ``t``: B;
-``guided.pre_hook`` checks the batches and calls ``ZImageFamily.deliver``, which marks the caption list):
+``guided.pre_hook`` checks the batches and calls ``ZImageFamily.deliver``, which appends the call's ``NAGForward``
+to the caption list: an element, not an attribute, so it survives the copies that offloading hooks make of inputs):
 
 - ``_patchify``: the stock ``patchify_and_embed`` on the B positive pairs, and on the negative captions for their
   caption tokens; the image positions are the positive caption's (as in a plain call). The noise refiner then runs
@@ -49,12 +50,6 @@ except ImportError:  # pragma: no cover - depends on the installed diffusers
 PIPELINES = {"ZImagePipeline": {}, "ZImageImg2ImgPipeline": {}, "ZImageInpaintPipeline": {}}
 _RECORD = "_nag_call"  # the guided forward's record, from _patchify to _unified (consumed there)
 _METHODS = ("patchify_and_embed", "_build_unified_sequence")
-
-
-class GuidedCaptions(list):
-    """The ``cap_feats`` list of a guided forward, carrying the call's ``NAGForward`` (attribute ``nag``)."""
-
-    nag: NAGForward | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +138,10 @@ def _patchify(self, all_image, all_cap_feats, patch_size, f_patch_size):
     """``patchify_and_embed`` of a guided forward: the B images with the positive captions (their positions), and
     the B negative captions' tokens; the caption lists get 2B entries."""
     stock = type(self).patchify_and_embed
-    nag = getattr(all_cap_feats, "nag", None)
     self.__dict__.pop(_RECORD, None)
-    if nag is None:
+    if not (all_cap_feats and isinstance(all_cap_feats[-1], NAGForward)):
         return stock(self, all_image, all_cap_feats, patch_size, f_patch_size)
+    nag, all_cap_feats = all_cap_feats[-1], all_cap_feats[:-1]
     batch = len(all_image)
     x, cap, size, x_ids, cap_ids, x_pad, cap_pad = stock(self, all_image, all_cap_feats[:batch], patch_size, f_patch_size)
     _, neg, _, _, neg_ids, _, neg_pad = stock(self, all_image, all_cap_feats[batch:], patch_size, f_patch_size)
@@ -194,15 +189,13 @@ def _check(model, kw: dict, batch: int) -> None:
 
 
 class ZImageFamily(Family):
-    """Z-Image's family: per-sample lists; the guided record travels with the caption list (module docstring)."""
+    """Z-Image's family: per-sample lists; the guided record travels in the caption list (module docstring)."""
 
     def text_len(self, text) -> int:
         return max(len(c) for c in text)
 
     def deliver(self, kw: dict, extra: dict, record) -> None:
-        captions = GuidedCaptions(kw[self.text])
-        captions.nag = record
-        kw[self.text] = captions
+        kw[self.text] = [*kw[self.text], record]  # _patchify takes it off again
         if extra:
             kw[self.attention_kwargs] = extra  # e.g. the LoRA scale; the record itself travels with the captions
 
