@@ -112,3 +112,16 @@ def chroma_forward(model, hidden_states, encoder_hidden_states, timestep, img_id
     x = h[:batch, text_len:]
     shift, scale = pooled[:batch, -2:].flatten(1).chunk(2, dim=1)
     return model.proj_out(_ln(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+def pipeline(cls, dtype: torch.dtype = torch.float64):
+    """A tiny Chroma pipeline: FLUX.1's toy VAE and T5 (tests/flux_toy.py) and the transformer above."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import flux_toy
+
+    tok = flux_toy.t5_tokenizer()
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux_toy.vae(), text_encoder=flux_toy.t5_encoder(len(tok)),
+               tokenizer=tok, transformer=transformer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
