@@ -133,3 +133,24 @@ def test_kv_pipeline_is_refused_clearly():
               timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(8, 4))
     with pytest.raises(NotImplementedError, match="Flux2KVAttnProcessor"):
         pipe.transformer(**kw)
+
+
+def test_flux2_dev_pipeline_with_pre_encoded_prompts():
+    # FLUX.2 [dev]'s Mistral text encoder is not built here: prompt and NAG negative are passed pre-encoded.
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux2_toy.vae(), text_encoder=None,
+                         tokenizer=None, transformer=flux2_toy.transformer(guidance=True)).to(torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randn(1, flux2_toy.SEQ_LEN, flux2_toy.TEXT_DIM, generator=g, dtype=torch.float64)
+    negative = torch.randn(1, flux2_toy.SEQ_LEN, flux2_toy.TEXT_DIM, generator=g, dtype=torch.float64)
+    kw = {**COMMON, "guidance_scale": 4.0}
+    kw.pop("text_encoder_out_layers")
+    expected = run_reference(pipe, reference_forward(pipe.transformer, negative), prompt_embeds=prompt,
+                             generator=gen(), **kw)
+    apply_nag(pipe, backend="torch")
+    out = pipe(prompt_embeds=prompt, nag_negative_prompt_embeds=negative, generator=gen(), **kw).images
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="nag_negative_prompt_embeds must have the per-row shape"):
+        pipe(prompt_embeds=prompt, nag_negative_prompt_embeds=negative[:, :5], generator=gen(), **kw)
