@@ -37,13 +37,17 @@ def reference(pipe, positive, negative, experts=("transformer",), **nag):
         text = kwargs["encoder_hidden_states"]
         if text.shape == positive.shape and torch.allclose(text, positive, rtol=0, atol=1e-12):
             kwargs = {**kwargs, "encoder_hidden_states": torch.cat([text, negative])}
+            image = kwargs.get("encoder_hidden_states_image")
+            if image is not None:  # the authors' layout: the I2V image context with 2B rows too
+                kwargs["encoder_hidden_states_image"] = torch.cat([image, image])
         return args, kwargs
 
     parts = dict(pipe.components)
     for name in experts:
         parts[name] = authors_model(parts[name], **nag)
         parts[name].register_forward_pre_hook(append, with_kwargs=True)
-    ref = WanPipeline(**parts, boundary_ratio=pipe.config.boundary_ratio)
+    config = {k: pipe.config[k] for k in ("boundary_ratio", "expand_timesteps") if k in pipe.config}
+    ref = type(pipe)(**parts, **config)
     ref.set_progress_bar_config(disable=True)
     return ref
 
