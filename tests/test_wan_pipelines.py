@@ -26,9 +26,9 @@ def _no_ftfy(monkeypatch):
     """These pipelines clean prompts with ftfy, which this environment lacks: an identity stand-in."""
     import types
 
-    from diffusers.pipelines.wan import pipeline_wan_i2v, pipeline_wan_video2video
+    from diffusers.pipelines.wan import pipeline_wan_i2v, pipeline_wan_vace, pipeline_wan_video2video
 
-    for module in (pipeline_wan_i2v, pipeline_wan_video2video):
+    for module in (pipeline_wan_i2v, pipeline_wan_video2video, pipeline_wan_vace):
         if not hasattr(module, "ftfy"):
             monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
 
@@ -70,7 +70,25 @@ def _v2v():
     return WanVideoToVideoPipeline(**wan_toy.components()), {"video": frames, "strength": 0.9}
 
 
-CASES = {"i2v-2.1": _i2v_21, "i2v-2.2": _i2v_22, "ti2v-i2v": _ti2v_i2v, "ti2v-t2v": _ti2v_t2v, "v2v": _v2v}
+def _vace():
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(5)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=wan_toy.TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+        vace_layers=[0], vace_in_channels=96,
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4 / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.05)
+    parts = wan_toy.components()
+    parts["transformer"] = model.eval()
+    return WanVACEPipeline(**parts), {}
+
+
+CASES = {"i2v-2.1": _i2v_21, "i2v-2.2": _i2v_22, "ti2v-i2v": _ti2v_i2v, "ti2v-t2v": _ti2v_t2v, "v2v": _v2v,
+         "vace": _vace}
 
 
 @pytest.mark.parametrize("case", list(CASES))
