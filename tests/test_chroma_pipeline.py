@@ -58,3 +58,20 @@ def test_chroma_pipeline_matches_the_exact_layout(cfg):
     torch.testing.assert_close(out2, out, rtol=0, atol=1e-12)
     remove_nag(pipe)
     assert torch.equal(pipe("a red cat", generator=gen(), **kw).images, plain)
+
+
+def test_chroma_img2img_matches_the_exact_layout():
+    import numpy as np
+    import PIL.Image
+    from diffusers import ChromaImg2ImgPipeline
+
+    pipe = chroma_toy.pipeline(ChromaImg2ImgPipeline)
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    kw = {**COMMON, "guidance_scale": 1.0, "image": image, "strength": 0.9}
+    calls = []
+    pipe.transformer.forward = reference_forward(pipe.transformer, negative(pipe, "blurry dog"), None, calls)
+    expected = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+    del pipe.transformer.forward
+    apply_nag(pipe, backend="torch")
+    out = pipe("a red cat", nag_negative_prompt="blurry dog", generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)

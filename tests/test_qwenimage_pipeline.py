@@ -90,3 +90,27 @@ def test_batches_and_pre_encoded_negatives_equal_their_batch_one_runs():
                **COMMON).images
     torch.testing.assert_close(out, pipe(prompts, nag_negative_prompt="blurry", latents=latents, **COMMON).images,
                                rtol=0, atol=1e-12)
+
+
+def _image(seed):
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", ["QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"])
+def test_img2img_and_inpaint_match_the_independent_computation(name):
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    pipe = qwenimage_toy.pipeline(cls)
+    extra = {"image": _image(1), "strength": 0.9, **({"mask_image": _image(2)} if "Inpaint" in name else {})}
+    kw = {**COMMON, **extra, "true_cfg_scale": 1.0}
+    calls = []
+    forward = reference_forward(pipe.transformer, pipe.encode_prompt("blurry"), None, calls)
+    expected = run_reference(pipe, forward, "a red cat", generator=torch.Generator().manual_seed(0), **kw)
+    apply_nag(pipe, backend="torch")
+    out = pipe("a red cat", nag_negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert calls and set(calls) == {2}
