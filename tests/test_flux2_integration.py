@@ -63,12 +63,12 @@ def test_regional_compilation_with_changing_settings():
     # A UI slider moves the settings between calls: each block class compiles once, once more when the floats
     # become symbolic, never once per block or per value; the outputs stay exact.
     torch._dynamo.reset()
-    model = flux2_toy.transformer(layers=3, single_layers=3).double()
+    model = flux2_toy.transformer(layers=2, single_layers=2).double()
     kw = inputs()
     apply_nag(model, backend="torch")
     counter = CompileCounter()
     model.compile_repeated_blocks(backend=counter, fullgraph=True)
-    for scale, tau, alpha in [(5.0, 2.5, 0.25), (3.0, 2.5, 0.25), (7.5, 1.5, 0.5), (11.0, 3.5, 0.125)]:
+    for scale, tau, alpha in [(5.0, 2.5, 0.25), (3.0, 2.5, 0.25), (7.5, 1.5, 0.5)]:
         out = run(model, kw, nag_scale=scale, nag_tau=tau, nag_alpha=alpha)
         torch.testing.assert_close(out, reference(model, kw, nag_scale=scale, nag_tau=tau, nag_alpha=alpha),
                                    rtol=0, atol=1e-10)

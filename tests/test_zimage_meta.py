@@ -45,9 +45,9 @@ def test_default_path_flops_at_1024():
 
 def test_one_block_per_stack_counts_the_full_depth(monkeypatch):
     narrow = {**model_zimage.CONFIGS[NAME], "dim": 256, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32,
-              "n_layers": 3, "n_refiner_layers": 2}
+              "n_layers": 2, "n_refiner_layers": 2}
     monkeypatch.setitem(model_zimage.CONFIGS, "narrow", narrow)
     full, shallow = model_zimage.build("narrow"), model_zimage.build("narrow", shallow=True)
     for variant in ("nag", "nag_2b"):  # nag_2b counts the no_nag and cfg forwards
-        assert model_zimage.count("narrow", variant, 256, shallow, 64, 40) == model_zimage.count(
-            "narrow", variant, 256, full, 64, 40)
+        assert model_zimage.count("narrow", variant, 128, shallow, 64, 40) == model_zimage.count(
+            "narrow", variant, 128, full, 64, 40)
