@@ -1,4 +1,4 @@
-"""apply_nag on LTXPipeline: NAG arguments with and without (batched) CFG against the authors' pattern, per-branch
+"""apply_nag on LTXPipeline, LTXImageToVideoPipeline and LTXConditionPipeline (per-token timesteps): NAG arguments with and without (batched) CFG against the authors' pattern, per-branch
 text masks from the pipeline's own encoding, bad input.
 
 Expected outputs come from a stock LTXPipeline on the same components whose transformer is the reference of
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import LTXPipeline
+import numpy as np
+import PIL.Image
+from diffusers import LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
 
 import ltx_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
@@ -41,7 +43,7 @@ def reference(pipe, positive, negative):
     parts = dict(pipe.components)
     parts["transformer"] = authors_model(parts["transformer"])
     parts["transformer"].register_forward_pre_hook(append, with_kwargs=True)
-    ref = LTXPipeline(**parts)
+    ref = type(pipe)(**parts)
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -50,22 +52,32 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["nag-only", "cfg"])
-def test_ltx_pipeline_matches_the_authors_pattern(guidance):
-    pipe = ltx_toy.pipeline()
-    kw = {**COMMON, "guidance_scale": guidance, "negative_prompt": "ugly"}
-    plain = pipe("a red cat", generator=gen(), **kw).frames
+def _image():
+    rng = np.random.default_rng(1)
+    return PIL.Image.fromarray(rng.integers(0, 255, (ltx_toy.SIZE, ltx_toy.SIZE, 3), dtype=np.uint8))
+
+
+EXTRA = {LTXPipeline: {}, LTXImageToVideoPipeline: {"image": _image()}, LTXConditionPipeline: {"image": _image()}}
+
+
+@pytest.mark.parametrize("cls, guidance", [(LTXPipeline, 1.0), (LTXPipeline, 3.0), (LTXImageToVideoPipeline, 3.0),
+                                           (LTXConditionPipeline, 3.0)],
+                         ids=["t2v-nag-only", "t2v-cfg", "i2v-cfg", "condition-cfg"])
+def test_ltx_pipeline_matches_the_authors_pattern(cls, guidance):
+    pipe = ltx_toy.pipeline(cls)
+    kw = {**COMMON, **EXTRA[cls], "guidance_scale": guidance, "negative_prompt": "ugly"}
+    plain = pipe(prompt="a red cat", generator=gen(), **kw).frames
     positive, negative = encoded(pipe, "a red cat"), encoded(pipe, "dog")
     assert not torch.equal(positive[1], negative[1])  # the two branches have different masks
-    expected = reference(pipe, positive, negative)("a red cat", generator=gen(), **kw).frames
+    expected = reference(pipe, positive, negative)(prompt="a red cat", generator=gen(), **kw).frames
     apply_nag(pipe, backend="torch")
-    out = pipe("a red cat", nag_negative_prompt="dog", generator=gen(), **kw).frames
+    out = pipe(prompt="a red cat", nag_negative_prompt="dog", generator=gen(), **kw).frames
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     assert (out - plain).abs().max() > 1e-3
-    out = pipe("a red cat", nag_negative_prompt_embeds=negative[0], nag_negative_prompt_attention_mask=negative[1],
+    out = pipe(prompt="a red cat", nag_negative_prompt_embeds=negative[0], nag_negative_prompt_attention_mask=negative[1],
                generator=gen(), **kw).frames
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="must be given together"):
-        pipe("a red cat", nag_negative_prompt_embeds=negative[0], **kw)
+        pipe(prompt="a red cat", nag_negative_prompt_embeds=negative[0], **kw)
     remove_nag(pipe)
-    assert torch.equal(pipe("a red cat", generator=gen(), **kw).frames, plain)
+    assert torch.equal(pipe(prompt="a red cat", generator=gen(), **kw).frames, plain)
