@@ -190,6 +190,18 @@ def _check(model, kw: dict, batch: int) -> None:
     check_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor)
 
 
+class Flux2Prompts(PromptAdapter):
+    """FLUX.2's pipelines encode like FLUX.1's (one text tensor; ``text_ids`` stays at the prompt's rows, the model
+    uses its first row). ``Flux2Pipeline``'s caption upsampling rewrites the prompt before its one ``encode_prompt``
+    call: that call is the positive one too."""
+
+    def is_positive(self, call_args: dict, encode_args: dict) -> bool:
+        if super().is_positive(call_args, encode_args):
+            return True
+        upsampled = bool(call_args.get("caption_upsample_temperature"))
+        return upsampled and encode_args.get("prompt_embeds") is call_args.get("prompt_embeds")
+
+
 class Flux2Family(Family):
     """FLUX.2's family: the guided forward's text is packed along the sequence (module docstring)."""
 
@@ -213,7 +225,7 @@ if Flux2Transformer2DModel is not None:
         "image stream shared by both branches (exact: the modulation does not depend on the text)",
         patch=patch,
         restore=restore,
-        prompts=PromptAdapter(
+        prompts=Flux2Prompts(
             prompts={"nag_negative_prompt": "prompt"},
             embeds={"nag_negative_prompt_embeds": 0},
             per_branch=(0,),

@@ -154,3 +154,28 @@ def test_flux2_dev_pipeline_with_pre_encoded_prompts():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="nag_negative_prompt_embeds must have the per-row shape"):
         pipe(prompt_embeds=prompt, nag_negative_prompt_embeds=negative[:, :5], generator=gen(), **kw)
+
+
+def test_flux2_dev_pipeline_with_text_prompts_and_caption_upsampling():
+    # FLUX.2 [dev]'s Mistral encoder and its caption upsampling are stood in for by deterministic functions of the
+    # text; the upsampled prompt's encoding is the guided one.
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux2_toy.vae(), text_encoder=None,
+                         tokenizer=None, transformer=flux2_toy.transformer(guidance=True)).to(torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+
+    def embed(text):
+        g = torch.Generator().manual_seed(sum(map(ord, text)))
+        return torch.randn(1, flux2_toy.SEQ_LEN, flux2_toy.TEXT_DIM, generator=g, dtype=torch.float64)
+
+    pipe._get_mistral_3_small_prompt_embeds = lambda prompt, **_: torch.cat([embed(p) for p in prompt])
+    pipe.upsample_prompt = lambda prompt, **_: [p + ", detailed" for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    kw = {**COMMON, "guidance_scale": 4.0}
+    kw.pop("text_encoder_out_layers")
+    expected = run_reference(pipe, reference_forward(pipe.transformer, embed("blurry")),
+                             prompt_embeds=embed("a cat, detailed"), generator=gen(), **kw)
+    apply_nag(pipe, backend="torch")
+    out = pipe(prompt="a cat", caption_upsample_temperature=0.7, nag_negative_prompt="blurry", generator=gen(),
+               **kw).images
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
