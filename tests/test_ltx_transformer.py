@@ -142,3 +142,13 @@ def test_bad_input_gets_clear_errors_and_the_model_stays_usable():
     ref = authors_model(remove_nag(copy.deepcopy(model)))
     torch.testing.assert_close(run(model, kw), run(ref, kw), rtol=0, atol=1e-10)
     assert all(isinstance(m, LTXAttention) for m in (b.attn2 for b in model.transformer_blocks))
+
+
+def test_whole_model_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = ltx_toy.transformer().double()
+    kw = inputs()
+    expected = run(authors_model(model), kw)
+    apply_nag(model, backend="torch")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # the caption projection's patch traces too
+    torch.testing.assert_close(run(compiled, kw), expected, rtol=0, atol=1e-10)

@@ -126,3 +126,16 @@ def test_bad_input_gets_clear_errors_and_the_unet_stays_usable():
     apply_nag(unet, backend="torch")
     ref = authors_unet(remove_nag(copy.deepcopy(unet)))
     torch.testing.assert_close(run(unet, kw), run(ref, kw), rtol=0, atol=1e-10)
+
+
+def test_lora_adapters_apply_in_both_branches():
+    from peft import LoraConfig
+
+    unet = sdxl_toy.unet().double()
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    kw = inputs(2 * B, 3 * B)
+    expected = run(authors_unet(unet), kw)  # the copy carries the adapter
+    apply_nag(unet, backend="torch")
+    torch.testing.assert_close(run(unet, kw), expected, rtol=0, atol=1e-10)
+    unet.set_adapters(["default"], [0.0])
+    assert (run(unet, kw) - expected).abs().max() > 1e-5  # the adapter acts

@@ -35,3 +35,13 @@ def test_blocks_compile_once_per_kind_of_call_whatever_the_scale():
     assert counter.frame_count <= 2, f"{counter.frame_count} graphs for {LAYERS} blocks"
     remove_nag(model)
     torch.testing.assert_close(run(model, positive(kw)), plain, rtol=0, atol=1e-10)
+
+
+def test_whole_model_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = wan_toy.transformer().double()
+    kw = inputs()
+    expected = run(authors_model(model), kw)
+    apply_nag(model, backend="torch")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # the record hand-off hook traces too
+    torch.testing.assert_close(run(compiled, kw), expected, rtol=0, atol=1e-10)
