@@ -42,11 +42,13 @@ def embeds(pipe, prompt, per_prompt=1):
         return pipe.encode_prompt(prompt, num_images_per_prompt=per_prompt, do_classifier_free_guidance=False)[0]
 
 
-def reference(pipe, positive, negative, **nag):
+def reference(pipe, positive, negative, nag_end=1.0, **nag):
     def append(module, args, kwargs):
         text = kwargs["encoder_hidden_states"]
         rows = positive.shape[0]
-        if text.shape[1:] == positive.shape[1:] and torch.allclose(text[-rows:], positive, rtol=0, atol=1e-12):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        on = float(t.reshape(-1)[0]) >= (1 - nag_end) * 1000
+        if on and text.shape[1:] == positive.shape[1:] and torch.allclose(text[-rows:], positive, rtol=0, atol=1e-12):
             kwargs = {**kwargs, "encoder_hidden_states": torch.cat([text, negative])}
         return args, kwargs
 
@@ -108,3 +110,19 @@ def test_bad_input_gets_clear_errors_and_the_pipeline_stays_usable():
             pipe("a red cat", **nag, **kw)
         assert "encode_prompt" not in pipe.__dict__ and pipe.unet._nag_state.call_config is None
     assert torch.equal(pipe("a red cat", nag_negative_prompt="blurry", **kw).images, expected)
+
+
+def test_nag_end_and_model_cpu_offload():
+    pipe = sdxl_toy.pipeline()
+    kw = {**COMMON, "latents": sdxl_toy.latents(1), "guidance_scale": 5.0, "num_inference_steps": 3}
+    positive, negative = embeds(pipe, "a red cat"), embeds(pipe, "blurry")
+    full = reference(pipe, positive, negative)("a red cat", **kw).images
+    expected = reference(pipe, positive, negative, nag_end=0.25)("a red cat", **kw).images
+    assert (expected - full).abs().max() > 1e-5  # NAG is off in the later steps
+    apply_nag(pipe, backend="torch", nag_end=0.25)
+    torch.testing.assert_close(pipe("a red cat", nag_negative_prompt="blurry", **kw).images, expected,
+                               rtol=0, atol=1e-10)
+    pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):  # the second call runs after accelerate re-installed its hooks
+        out = pipe("a red cat", nag_negative_prompt="blurry", nag_end=1.0, **kw).images
+        torch.testing.assert_close(out, full, rtol=0, atol=1e-10)
