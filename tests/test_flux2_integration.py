@@ -31,6 +31,16 @@ def test_lora_adapter_applies_in_both_branches():
     remove_nag(model)
 
 
+def test_fused_qkv_projections():
+    model = flux2_toy.transformer().double()
+    kw = inputs()
+    expected = reference(model, kw)
+    apply_nag(model, backend="torch")
+    model.fuse_qkv_projections()  # the double blocks' to_qkv / to_added_qkv (diffusers' own projection helper)
+    assert model.transformer_blocks[0].attn.fused_projections
+    torch.testing.assert_close(run(model, kw), expected, rtol=0, atol=1e-10)
+
+
 def test_model_cpu_offload_keeps_nag_working():
     pipe = flux2_toy.klein()
     expected = run_reference(pipe, reference_forward(pipe.transformer, negative_embeds(pipe, "blurry")),
