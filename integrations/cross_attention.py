@@ -92,3 +92,21 @@ def restore_record(model: torch.nn.Module) -> None:
     for attention in model.__dict__.pop(CROSS_MODULES, ()):
         if hasattr(attention.processor, "record"):
             attention.processor.record = None
+
+
+def register_unsupported(name: str, model_cls: type, pipelines: dict, needs: str) -> None:
+    """Register ``model_cls`` with a family whose ``apply_nag`` says which newer diffusers it needs (for releases
+    that have the model but not the attention API this integration wraps)."""
+    from .family import Family
+    from .pipeline import PromptAdapter
+    from .registry import register_family
+
+    def refuse(model):
+        raise RuntimeError(f"NAG on {name} needs a newer diffusers: this release lacks {needs}; pip install -U diffusers")
+
+    register_family(Family(
+        name=name, models=(model_cls,), token_order="cross_attention", acts_in="(unsupported on this diffusers)",
+        patch=refuse, restore=lambda *a: None, prompts=PromptAdapter(prompts={"nag_negative_prompt": "prompt"},
+                                                                     embeds={}),
+        pipelines=pipelines,
+    ))

@@ -34,6 +34,12 @@ try:  # diffusers releases without LTXAttention (before the attention refactor) 
     )
 except ImportError:  # pragma: no cover - depends on the diffusers release
     LTXAttention = None
+    try:
+        from diffusers import LTXVideoTransformer3DModel as _LTX
+    except ImportError:
+        _LTX = None
+    if _LTX is not None:
+        cross_attention.register_unsupported("LTX-Video", _LTX, {}, "LTXAttention / LTXVideoAttnProcessor")
 
 PIPELINES = {"LTXPipeline": {}, "LTXImageToVideoPipeline": {}, "LTXConditionPipeline": {}}
 DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}

@@ -34,6 +34,12 @@ try:  # diffusers releases without the WanAttention API register nothing (apply_
     )
 except ImportError:  # pragma: no cover - depends on the diffusers release
     WanAttention = None
+    try:
+        from diffusers import WanTransformer3DModel as _Wan
+    except ImportError:
+        _Wan = None
+    if _Wan is not None:
+        cross_attention.register_unsupported("Wan", _Wan, {}, "WanAttention / WanAttnProcessor")
 
 try:
     from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel

@@ -246,3 +246,18 @@ def test_triton_backend_through_the_interpreter():
     expected = run(apply_nag(model, backend="torch"), kw)
     out = run(apply_nag(model, backend="auto"), kw)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_diffusers_without_the_attention_api_gets_a_clear_error():
+    # What wan.py / ltx.py register when diffusers has the model class but not the attention API they wrap.
+    from nag_kernels.integrations import cross_attention, registry
+
+    class OldWan(torch.nn.Module):
+        pass
+
+    cross_attention.register_unsupported("Wan", OldWan, {}, "WanAttention / WanAttnProcessor")
+    try:
+        with pytest.raises(RuntimeError, match="NAG on Wan needs a newer diffusers: this release lacks WanAttention"):
+            apply_nag(OldWan())
+    finally:
+        registry._FAMILIES.pop(OldWan)
