@@ -17,7 +17,6 @@ from . import versions
 versions.check(diffusers.__version__)
 
 from . import flux  # noqa: E402,F401  (registers FLUX.1)
-from . import wan  # noqa: E402,F401  (registers Wan 2.1 / 2.2)
 from . import flux2  # noqa: E402,F401  (registers FLUX.2 [dev] / [klein])
 from . import zimage  # noqa: E402,F401  (registers Z-Image)
 from . import sd3  # noqa: E402,F401
