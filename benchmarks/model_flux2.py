@@ -6,9 +6,10 @@ transformer work: ``"no_nag"`` (one plain forward), ``"cfg"`` (conditional and u
 forward at batch 2: the same FLOPs as two calls) or ``"nag"`` (one guided forward, 2 text rows and 1 image row, the
 default path: the image stream shared; the model must be patched with ``apply_nag``). ``count(name, variant,
 resolution)`` does all of it and returns TFLOP (by default on a model with one block of each kind, the block costs
-repeated to the full depth: exact, since a stack's blocks are identical, and quick); variant ``"nag_2b"`` is the authors'-style 2B layout for comparison
-(double blocks share the image stream, single blocks run it at 2B): the CFG count minus the parts that stay at one
-row there (the double blocks' image stream, the input and output projections), measured per module.
+repeated to the full depth: exact, since a stack's blocks are identical, and quick); variant ``"nag_2b"`` is the
+authors'-style 2B layout for comparison (double blocks share the image stream, single blocks run it at 2B): the CFG
+count minus the parts that stay at one row there (the double blocks' image stream, the input and output
+projections), measured per module.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def step_inputs(model: torch.nn.Module, variant: str, resolution: int = 1024, te
     n = image_tokens(resolution)
     return dict(
         hidden_states=torch.empty(images, n, model.config.in_channels, device=meta, dtype=dtype),
-        encoder_hidden_states=torch.empty(texts, text_tokens, model.config.joint_attention_dim, device=meta, dtype=dtype),
+        encoder_hidden_states=torch.empty(texts, text_tokens, model.config.joint_attention_dim, device=meta,
+                                          dtype=dtype),
         timestep=torch.empty(images, device=meta, dtype=dtype),
         guidance=torch.empty(images, device=meta, dtype=dtype) if model.config.guidance_embeds else None,
         img_ids=torch.zeros(n, 4, device=meta),

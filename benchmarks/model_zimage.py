@@ -5,10 +5,10 @@ counting.
 device in bfloat16; ``step_inputs(model, variant, resolution, caption, negative)`` the arguments of one step's
 transformer work: ``"no_nag"`` (one plain forward), ``"cfg"`` (conditional and unconditional rows batched, as the
 pipelines do) or ``"nag"`` (one guided forward, the default path: the image shared; the model must be patched with
-``apply_nag``). ``count(name, variant, resolution)`` returns TFLOP
-(by default on a model with one block per stack, the block costs repeated to the full depth); ``"nag_2b"`` is the authors'-style 2B layout for
-comparison (joined layers at two rows): the CFG count minus the parts that stay at one row there (the x embedder,
-the noise refiner and the final layer), measured per module.
+``apply_nag``). ``count(name, variant, resolution)`` returns TFLOP (by default on a model with one block per stack,
+the block costs repeated to the full depth: exact, the blocks of a stack being identical, and quick); ``"nag_2b"``
+is the authors'-style 2B layout for comparison (joined layers at two rows): the CFG count minus the parts that stay
+at one row there (the x embedder, the noise refiner and the final layer), measured per module.
 
 Caption lengths: Z-Image's pipelines keep only a prompt's real tokens (up to ``max_sequence_length=512``) and the
 model pads each caption to a multiple of 32, so the text length depends on the prompt; ``TEXT_TOKENS`` (512, the

@@ -114,7 +114,9 @@ class NAGZImageAttnProcessor(NAGProcessor):
     def _image(q, k, v, positive, negative, nag: NAGForward) -> torch.Tensor:
         """Image queries ``[B, N, H, D]``: NAG-combined attention over ``[image ; caption_b]``, split and merged."""
         o_image, lse_image = attention_with_lse(q, k, v)
-        (o_pos, lse_pos), (o_neg, lse_neg) = (_rows(attention_with_lse, q, tk, tv, n) for tk, tv, n in (positive, negative))
+        (o_pos, lse_pos), (o_neg, lse_neg) = (
+            _rows(attention_with_lse, q, tk, tv, n) for tk, tv, n in (positive, negative)
+        )
         out = nag_kernels.nag_merge(
             o_image, lse_image, o_pos, lse_pos, o_neg, lse_neg, nag.scale, nag.tau, nag.alpha,
             norm=nag.norm, backend=merge_backend(nag, q.dtype),
@@ -129,7 +131,8 @@ class NAGZImageAttnProcessor(NAGProcessor):
             return self.attend(q[:, :n], torch.cat([ki, k[:, :n]], 1), torch.cat([vi, v[:, :n]], 1))
         out = q.new_zeros(*q.shape[:2], q.shape[2] * q.shape[3])
         for i, n in enumerate(lengths):
-            keys, values = torch.cat([ki[i : i + 1], k[i : i + 1, :n]], 1), torch.cat([vi[i : i + 1], v[i : i + 1, :n]], 1)
+            keys = torch.cat([ki[i : i + 1], k[i : i + 1, :n]], 1)
+            values = torch.cat([vi[i : i + 1], v[i : i + 1, :n]], 1)
             out[i : i + 1, :n] = self.attend(q[i : i + 1, :n], keys, values)
         return out
 
@@ -143,7 +146,8 @@ def _patchify(self, all_image, all_cap_feats, patch_size, f_patch_size):
         return stock(self, all_image, all_cap_feats, patch_size, f_patch_size)
     nag, all_cap_feats = all_cap_feats[-1], all_cap_feats[:-1]
     batch = len(all_image)
-    x, cap, size, x_ids, cap_ids, x_pad, cap_pad = stock(self, all_image, all_cap_feats[:batch], patch_size, f_patch_size)
+    positive = stock(self, all_image, all_cap_feats[:batch], patch_size, f_patch_size)
+    x, cap, size, x_ids, cap_ids, x_pad, cap_pad = positive
     _, neg, _, _, neg_ids, _, neg_pad = stock(self, all_image, all_cap_feats[batch:], patch_size, f_patch_size)
     self.__dict__[_RECORD] = nag
     return x, cap + neg, size, x_ids, cap_ids + neg_ids, x_pad, cap_pad + neg_pad

@@ -39,4 +39,5 @@ def test_one_block_per_stack_counts_the_full_depth(monkeypatch):
     monkeypatch.setitem(model_flux2.CONFIGS, "narrow", narrow)
     full, shallow = model_flux2.build("narrow"), model_flux2.build("narrow", shallow=True)
     for variant in ("nag", "nag_2b"):  # nag_2b counts the no_nag and cfg forwards
-        assert model_flux2.count("narrow", variant, 128, shallow, 64) == model_flux2.count("narrow", variant, 128, full, 64)
+        counts = [model_flux2.count("narrow", variant, 128, model, 64) for model in (shallow, full)]
+        assert counts[0] == counts[1]

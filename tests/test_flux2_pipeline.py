@@ -170,7 +170,8 @@ def test_flux2_dev_pipeline_with_text_prompts_and_caption_upsampling():
         return torch.randn(1, flux2_toy.SEQ_LEN, flux2_toy.TEXT_DIM, generator=g, dtype=torch.float64)
 
     pipe._get_mistral_3_small_prompt_embeds = lambda prompt, **_: torch.cat([embed(p) for p in prompt])
-    pipe.upsample_prompt = lambda prompt, **_: [p + ", detailed" for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    pipe.upsample_prompt = lambda prompt, **_: [p + ", detailed" for p in ([prompt] if isinstance(prompt, str) else
+                                                                        prompt)]
     kw = {**COMMON, "guidance_scale": 4.0}
     kw.pop("text_encoder_out_layers")
     expected = run_reference(pipe, reference_forward(pipe.transformer, embed("blurry")),

@@ -96,7 +96,8 @@ def test_prompt_lists_images_per_prompt_and_pre_encoded_negatives():
     prompts = ["a cat", "a dog on a long sandy beach"]
     negative = negative_embeds(pipe, ["blurry", "dark and noisy"], images_per_prompt=2)
     common = dict(prompt=prompts, num_images_per_prompt=2, guidance_scale=0.0, **COMMON)
-    expected = run_reference(pipe, reference_forward(pipe.transformer, negative, nag_scale=7.0), generator=gen(), **common)
+    forward = reference_forward(pipe.transformer, negative, nag_scale=7.0)
+    expected = run_reference(pipe, forward, generator=gen(), **common)
     apply_nag(pipe, backend="torch")
     out = pipe(nag_negative_prompt=["blurry", "dark and noisy"], nag_scale=7.0, generator=gen(), **common).images
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

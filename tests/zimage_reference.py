@@ -105,7 +105,8 @@ def zimage_forward(model, x, t, cap_feats, nag_scale=5.0, nag_tau=2.5, nag_alpha
         img = _pad(model.all_x_embedder[key](patches), model.x_pad_token)
         caps = [_caption(model, cap_feats[i])] + ([_caption(model, cap_feats[batch + i])] if guided else [])
         ids = torch.zeros(img.shape[0], 3, dtype=torch.long)  # padding tokens at (0, 0, 0)
-        grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h // p), torch.arange(w // p), indexing="ij"), -1)
+        axes = (torch.arange(f), torch.arange(h // p), torch.arange(w // p))
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
         ids[:tokens] = grid.reshape(-1, 3) + torch.tensor([caps[0][0].shape[0] + 1, 0, 0])
         img_freqs = _freqs(model, ids)
         for layer in model.noise_refiner:
