@@ -135,19 +135,22 @@ def partial_sums(z_pos: torch.Tensor, guided: torch.Tensor, norm: str) -> torch.
 def combine_sharded(z_pos, z_neg, nag, group, out: torch.Tensor | None = None) -> torch.Tensor:
     """The NAG combine (docs/spec.md, "The combine") of tokens whose channels ``[..., C / tp]`` are spread over the
     ranks of ``group``: the partial norms are all-reduced (a ``[..., 2]`` float32 tensor) before the clamp. Same
-    arguments and result as ``split_attention.combine``, for this rank's channels."""
-    dtype = _compute_dtype(z_pos)
-    zp, zn = z_pos.to(dtype), z_neg.to(dtype)
-    guided = nag.scale * zp - (nag.scale - 1) * zn
-    sums = partial_sums(zp, guided, nag.norm)
+    arguments and result as ``split_attention.combine``, for this rank's channels.
+
+    Fused: ``nag_kernels.nag_partial_norms`` (this rank's sums of ``|z+|`` and ``|g|``, squares for L2) ->
+    ``dist.all_reduce`` (SUM) over ``group`` -> ``nag_kernels.nag_with_norms`` (clamp and blend with the full-token
+    norms), on ``nag.backend`` ("auto": Triton on GPU, PyTorch on CPU and for float64)."""
+    if z_neg.dtype != z_pos.dtype:  # the ops take one dtype; the combine computes in float32 (float64) anyway
+        z_neg = z_neg.to(z_pos.dtype)
+    # The ops want the channel dim contiguous (leading dims may be strided); copy only where it is not.
+    z_pos, z_neg = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (z_pos, z_neg))
+    sums = nag_kernels.nag_partial_norms(z_pos, z_neg, nag.scale, nag.norm, backend=nag.backend)
     dist.all_reduce(sums, group=group)
-    if nag.norm == "l2":
-        sums = sums.sqrt()
-    norm_pos, norm_guided = sums.unbind(-1)
-    factor = torch.clamp(nag.tau * norm_pos / norm_guided, max=1.0)
-    factor = torch.where(norm_guided == 0, torch.ones_like(factor), factor).unsqueeze(-1)
-    result = (nag.alpha * factor * guided + (1 - nag.alpha) * zp).to(z_pos.dtype)
-    if out is None:
+    direct = out is None or (out.dtype == z_pos.dtype and (out.shape[-1] <= 1 or out.stride(-1) == 1))
+    result = nag_kernels.nag_with_norms(
+        z_pos, z_neg, sums, nag.scale, nag.tau, nag.alpha, nag.norm, out if direct else None, backend=nag.backend
+    )
+    if out is None or result is out:
         return result
     return out.copy_(result)
 
