@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 
 import torch
 
@@ -35,7 +36,7 @@ import nag_kernels
 from nag_kernels.attention import attention_with_lse
 
 from .family import Family
-from .guided import NAGForward
+from .guided import NAGForward, state_of
 from .pipeline import PromptAdapter, _per_prompt
 from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
 from .registry import register_family
@@ -49,6 +50,7 @@ except ImportError:  # pragma: no cover - depends on the installed diffusers
 
 PIPELINES = {"ZImagePipeline": {}, "ZImageImg2ImgPipeline": {}, "ZImageInpaintPipeline": {}}
 _RECORD = "_nag_call"  # the guided forward's record, from _patchify to _unified (consumed there)
+_ROWS = "_nag_rows"  # set by _check when a forward carries NAG-negative captions (read and cleared by _patchify)
 _METHODS = ("patchify_and_embed", "_build_unified_sequence")
 
 
@@ -142,7 +144,16 @@ def _patchify(self, all_image, all_cap_feats, patch_size, f_patch_size):
     the B negative captions' tokens; the caption lists get 2B entries."""
     stock = type(self).patchify_and_embed
     self.__dict__.pop(_RECORD, None)
+    had_rows = self.__dict__.pop(_ROWS, False)
     if not (all_cap_feats and isinstance(all_cap_feats[-1], NAGForward)):
+        state = state_of(self)
+        if state is not None and state.call_config is not None and not had_rows:
+            warnings.warn(
+                "NAG did not act in this step of a Z-Image pipeline call with NAG arguments: the transformer got no "
+                "NAG-negative captions. The pipelines skip encode_prompt when given prompt_embeds without prompt "
+                "(pass prompt= as well), and steps that cfg_truncation runs without CFG carry no NAG rows",
+                stacklevel=2,
+            )
         return stock(self, all_image, all_cap_feats, patch_size, f_patch_size)
     nag, all_cap_feats = all_cap_feats[-1], all_cap_feats[:-1]
     batch = len(all_image)
@@ -179,11 +190,12 @@ def patch(model):
 
 def restore(model, processors: dict, patched: list) -> None:
     restore_processors(model, Attention, NAGZImageAttnProcessor, processors)
-    for name in (*_METHODS, _RECORD):
+    for name in (*_METHODS, _RECORD, _ROWS):
         model.__dict__.pop(name, None)
 
 
 def _check(model, kw: dict, batch: int) -> None:
+    model.__dict__[_ROWS] = True  # NAG rows arrived (a step past nag_end drops them before _patchify sees them)
     x = kw["x"]
     if isinstance(x[0], list) or kw.get("siglip_feats") is not None:
         raise NotImplementedError("NAG does not support Z-Image's omni mode (lists of images, siglip_feats) yet")

@@ -105,3 +105,20 @@ def test_prompt_lists_images_per_prompt_and_pre_encoded_negatives():
     torch.testing.assert_close(pre, expected, rtol=0, atol=1e-6)
     with pytest.raises(TypeError, match="nag_negative_prompt_embeds"):
         pipe(nag_negative_prompt_embeds=torch.zeros(2, 3, 4), generator=gen(), **common)
+
+
+def test_prompt_embeds_without_prompt_warns_that_nag_cannot_act():
+    # With prompt_embeds alone the pipeline never calls encode_prompt: no NAG rows can be appended; say so.
+    pipe = zimage_toy.pipeline()
+    embeds = negative_embeds(pipe, "a cat")
+    apply_nag(pipe, backend="torch")
+    with pytest.warns(UserWarning, match="prompt_embeds without prompt"):
+        pipe(prompt_embeds=embeds, nag_negative_prompt="blurry", guidance_scale=0.0, generator=gen(), **COMMON)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NAG call that guides, and a plain call, do not warn
+        pipe(prompt="a cat", prompt_embeds=embeds, nag_negative_prompt="blurry", guidance_scale=0.0, generator=gen(),
+             **COMMON)
+        pipe(prompt_embeds=embeds, guidance_scale=0.0, generator=gen(), **COMMON)
+        pipe(prompt="a cat", nag_negative_prompt="blurry", nag_end=0.5, guidance_scale=0.0, generator=gen(), **COMMON)
