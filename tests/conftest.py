@@ -7,3 +7,20 @@ imported; conftest runs before the test modules are collected.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_diffusers_attention_backend():
+    """diffusers' ``model.set_attention_backend(...)`` also sets the process-wide active backend; restore it after
+    each test so one test's choice does not reach the next (nor the processes a multi-process test forks)."""
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    before = dispatch._AttentionBackendRegistry.get_active_backend()[0] if dispatch else None
+    yield
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    if dispatch is not None:
+        registry = dispatch._AttentionBackendRegistry
+        registry.set_active_backend(before if before is not None else registry._active_backend.__class__("native"))
