@@ -83,6 +83,13 @@ class NAGQwenAttnProcessor(NAGProcessor):
             image_keys = mask.new_ones(mask.shape[0], k.shape[1])
             joint_mask = torch.cat([mask, image_keys], dim=1)[:, None, None, :]  # [2B, 1, 1, T + N]
         text_len = c.shape[1]
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if mask is not None and cp is not None and (cp.ring_degree or 1) > 1:
+            raise NotImplementedError(
+                "NAG on Qwen-Image under ring context parallelism (ring_degree > 1) with a text mask "
+                "(encoder_hidden_states_mask) is not supported: diffusers' ring attention applies each rank's local "
+                "key mask to every rank's keys. Use Ulysses (ulysses_degree), or call without a text mask"
+            )
         if self._parallel_config is None and self.backend_is_torch():
             text = self.attend(tq, branch_join(tk, k), branch_join(tv, v), joint_mask)  # [2B, T, C]
             image = image_attention(q, k, v, tk, tv, nag, text_mask=mask)  # [B, N, C], merged and combined
