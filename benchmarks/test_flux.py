@@ -49,6 +49,7 @@ def test_random_weights_built_in_place():
 
 
 @pytest.mark.skipif(not HAVE_INTEGRATION, reason="the Flux integration is not available")
+@pytest.mark.slow  # a whole suite run
 def test_suite_writes_files(tmp_path):
     rc = main(["flux", "--device", "cpu", "--quick", "--resolutions", "32", "--reps", "1",
                "--variants", "no_nag,cfg,nag_exact_torch,nag_exact_triton,nag_fast", "--out", str(tmp_path)])

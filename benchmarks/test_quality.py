@@ -173,6 +173,7 @@ def _rows(doc):
 
 
 @needs_integration
+@pytest.mark.slow  # a whole suite run with CLIP
 def test_tiny_run_writes_rows_table_grid_and_clip(tmp_path, prompts_file, tiny_clip):
     # no --tiny: without a GPU and without --model the tiny pipeline is the default
     rc, doc, path = _run(tmp_path, "--prompts", prompts_file, "--clip-model", tiny_clip, "--save-images")

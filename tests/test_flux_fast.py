@@ -178,6 +178,7 @@ def test_pipelines_run_fast_mode(cls):
     assert torch.equal(pipe(generator=gen(), **kw).images, plain)
 
 
+@pytest.mark.slow  # the full FLUX.1 on the meta device
 def test_full_flux1_on_meta_fast_mode_costs_at_most_1_15x():
     # docs/spec.md, "Fast mode": about 1.13x the plain step at 1024x1024 (4096 image + 512 text tokens). Every attention
     # (dispatch_attention_fn for text queries, attention_with_lse for the image parts) is an aten SDPA op the

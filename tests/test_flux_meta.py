@@ -9,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nag_kernels.integrations import apply_nag
 
+pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
+
 
 def _flops(model, batch_text: int, image_tokens: int, text_tokens: int = 512) -> float:
     meta = torch.device("meta")

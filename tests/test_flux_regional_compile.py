@@ -51,7 +51,9 @@ def test_each_block_class_compiles_once_not_once_per_block(mode, most_graphs):
 
 
 @pytest.mark.parametrize(
-    "mode, dynamic", [("exact", False), ("exact", True), ("fast", None)], ids=["exact-static", "exact-dynamic", "fast-auto"]
+    "mode, dynamic",
+    [("exact", False), pytest.param("exact", True, marks=pytest.mark.slow), ("fast", None)],
+    ids=["exact-static", "exact-dynamic", "fast-auto"],
 )
 def test_changing_nag_scale_tau_alpha_recompiles_at_most_once_under_fullgraph(mode, dynamic):
     # A UI slider moves nag_scale / nag_tau / nag_alpha between calls: under fullgraph=True each block class may

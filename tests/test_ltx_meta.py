@@ -10,6 +10,8 @@ import pytest
 
 from benchmarks import model_ltx
 
+pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
+
 
 def test_ltx_nag_adds_only_the_second_branchs_cross_attention():
     model = model_ltx.build()

@@ -10,6 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import model_qwenimage
 from nag_kernels.integrations import apply_nag
 
+pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
+
 
 def tflops(model, variant: str, resolution: int) -> float:
     kw = model_qwenimage.step_inputs(model, variant, resolution)

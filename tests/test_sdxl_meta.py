@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks import model_sdxl
 
+pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
+
 
 def test_sdxl_1024_nag_adds_only_the_second_branchs_cross_attention():
     model = model_sdxl.build()

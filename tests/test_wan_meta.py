@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks import model_wan
 
+pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
+
 
 def test_wan21_14b_720p_nag_is_at_most_1_02x_a_plain_step():
     name, resolution = "wan2.1-t2v-14b", "720p"
