@@ -94,7 +94,7 @@ def generate(pipe, accepted: set[str], prompt: str, negative: str, seed: int, se
     if variant != "no_nag":
         kwargs.update(nag_negative_prompt=negative, **settings.nag)
     with torch.no_grad():
-        out = pipe(prompt, **kwargs)
+        out = pipe(prompt=prompt, **kwargs)  # by name: FLUX.2 pipelines take the image first
     media = out.images if hasattr(out, "images") else out.frames
     return torch.as_tensor(media[0]).detach().float().clamp(0, 1).cpu()
 

@@ -330,3 +330,40 @@ def test_budget_spent_rows_are_recorded(tmp_path, prompts_file):
     assert doc["clip_note"].startswith("CLIP similarity skipped") and "no-clip" in doc["clip_note"]
     assert all(r["status"] == "skipped" and "--budget-s" in r["reason"] for r in doc["rows"])
     assert "grid" not in doc and path.with_suffix(".md").exists()
+
+
+def test_generate_takes_pipelines_whose_first_argument_is_not_the_prompt():
+    """FLUX.2 pipelines take ``image`` first: the harness passes the prompt by name (a tiny random-weight
+    Flux2KleinPipeline from the tests' builder; the figures mean nothing, the call path does)."""
+    import functools
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    from benchmarks import quality_pipeline
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "flux2_toy.py"
+    spec = importlib.util.spec_from_file_location("flux2_toy", path)
+    toy = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("flux2_toy", toy)
+    spec.loader.exec_module(toy)
+
+    @functools.wraps(toy.Flux2KleinPipeline.__call__)
+    def __call__(self, *args, **kwargs):  # the tiny text encoder has 3 layers, not FLUX.2's default 9/18/27
+        kwargs.setdefault("text_encoder_out_layers", toy.LAYERS)
+        kwargs.setdefault("max_sequence_length", toy.SEQ_LEN)
+        return toy.Flux2KleinPipeline.__call__(self, *args, **kwargs)
+
+    tiny_klein = type("Flux2KleinPipeline", (toy.Flux2KleinPipeline,), {"__call__": __call__})
+    pipe = toy.klein(cls=tiny_klein, dtype=torch.float32)
+    settings = types.SimpleNamespace(steps=2, height=32, width=32, guidance_scale=None, max_sequence_length=None,
+                                     num_frames=None, nag={"nag_scale": 5.0})
+    accepted = quality_pipeline.call_parameters(pipe)
+    apply_nag, remove_nag = h.integration_api()
+    plain = quality_pipeline.generate(pipe, accepted, "a red cat", "blurry", 0, settings, "no_nag")
+    with quality_pipeline.nag_applied(pipe, "nag_exact", {"backend": "torch"}, (apply_nag, remove_nag)):
+        guided = quality_pipeline.generate(pipe, accepted, "a red cat", "blurry", 0, settings, "nag_exact")
+    assert plain.shape == guided.shape == (3, 32, 32)
+    assert (plain - guided).abs().max() > 1e-6  # NAG acted (a tiny random VAE damps it; no NAG is bit-identical)
+    assert torch.equal(quality_pipeline.generate(pipe, accepted, "a red cat", "blurry", 0, settings, "no_nag"), plain)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 
 import torch
 
@@ -227,7 +228,16 @@ def _call(pipe, base: type, family, args, kwargs, nag: dict):
     for model in models:
         state_of(model).call_config = config
     try:
-        return base.__call__(pipe, *args, **kwargs)
+        out = base.__call__(pipe, *args, **kwargs)
+        if not done:
+            warnings.warn(
+                f"NAG did not act in this {type(pipe).__name__} call: the pipeline never encoded the call's own "
+                "prompt (e.g. it was given prompt_embeds, or rewrote the prompt before encoding it), so no "
+                "transformer call carried the NAG negative; pass the prompt as text, or call the patched transformer "
+                "with the 2B-row text conditioning (docs/spec.md, \"The guided call\")",
+                stacklevel=3,
+            )
+        return out
     finally:
         for model in models:
             state_of(model).call_config = None
