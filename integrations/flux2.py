@@ -7,10 +7,16 @@ exactly that result at the cost of duplicating the text alone. Both mode names r
 How one guided forward runs (``B`` latent rows, ``encoder_hidden_states`` ``[2B, T, D]`` = positive then
 NAG-negative rows; ``guided.pre_hook`` checks the batches and calls ``Flux2Family.deliver``):
 
-- ``deliver`` packs the two branches' text side by side along the sequence, ``[B, 2T, D]`` (positive tokens, then
-  NAG-negative tokens) and gives the negative tokens the positive ones' text positions (``txt_ids`` repeated), so the
-  stock model forward runs unchanged at batch ``B``: its modulation has ``B`` rows, its per-token layers (embedders,
-  norms, MLPs, gates) see ``2T + N`` tokens, and it drops the ``2T`` text tokens before ``norm_out`` as usual.
+- ``deliver`` packs the two branches' text along the sequence, ``[B, 2T, D]``, token by token interleaved (positive
+  token 0, negative token 0, positive token 1, ...), and gives each negative token its positive twin's text position
+  (``txt_ids`` repeated per token), so the stock model forward runs unchanged at batch ``B``: its modulation has
+  ``B`` rows, its per-token layers (embedders, norms, MLPs, gates) see ``2T + N`` tokens, and it drops the ``2T``
+  text tokens before ``norm_out`` as usual.
+- Under context parallelism (Ulysses, ring; docs/parallelism.md) diffusers' ``_cp_plan`` splits the packed text into
+  equal contiguous slices, one per rank; interleaved, every rank holds the same positions of both branches (``T / P``
+  tokens each, ``T`` a multiple of the degree ``P``), so each rank unpacks its own slice and the attention runs as
+  one process's, over every rank's keys (the user's CP backend for the text queries, ``parallel.image_attention`` for
+  the image queries). Under tensor parallelism the combine all-reduces its norms (``parallel.combine_sharded``).
 - Only the attention differs. ``NAGFlux2AttnProcessor`` (double blocks) and ``NAGFlux2ParallelSelfAttnProcessor``
   (single blocks) unpack the text to ``[2B, T]``: text queries of branch ``b`` attend over ``[text_b ; image]``
   (``dispatch_attention_fn``, the user's backend), image queries over both branches' keys split and LSE-merged with
@@ -30,7 +36,8 @@ from .guided import NAGForward
 from .pipeline import PromptAdapter
 from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
 from .registry import register_family
-from .split_attention import branch_join, combine, heads, image_attention
+from . import parallel
+from .split_attention import branch_join, combine, heads
 
 try:  # FLUX.2 arrived in diffusers 0.36; on older releases this family is not registered
     from diffusers.models.embeddings import apply_rotary_emb
@@ -50,14 +57,14 @@ PIPELINES = {"Flux2Pipeline": {}, "Flux2KleinPipeline": {}, "Flux2KleinInpaintPi
 KV_PROCESSORS = ("Flux2KVAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
 
 
-def unpack(x: torch.Tensor, text_len: int) -> torch.Tensor:
-    """``[B, 2T, ...]`` (positive tokens, then NAG-negative tokens) -> ``[2B, T, ...]`` (positive rows first)."""
-    return torch.cat([x[:, :text_len], x[:, text_len:]])
+def unpack(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 2T, ...]`` (positive and NAG-negative tokens interleaved) -> ``[2B, T, ...]`` (positive rows first)."""
+    return torch.cat([x[:, 0::2], x[:, 1::2]])
 
 
 def pack(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inverse of ``unpack``: ``[2B, T, ...]`` -> ``[B, 2T, ...]``."""
-    return torch.cat([x[:batch], x[batch:]], dim=1)
+    """Inverse of ``unpack``: ``[2B, T, ...]`` -> ``[B, 2T, ...]``, the branches' tokens interleaved."""
+    return torch.stack([x[:batch], x[batch:]], dim=2).flatten(1, 2)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,37 +77,52 @@ class _Flux2Processor(NAGProcessor):
     def _check(self, attention_mask, nag: NAGForward) -> None:
         if attention_mask is not None:
             raise ValueError("NAG on FLUX.2 does not take an attention_mask in joint_attention_kwargs; pass none")
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "NAG on FLUX.2 does not support context parallelism yet (the packed two-branch text would be split "
-                "across ranks); call without NAG arguments or disable the parallel config"
-            )
+        self.local_text_len(nag)  # raises on a text length the context-parallel degree does not divide
 
-    def joint(self, q, k, v, tq, tk, tv, rotary, nag: NAGForward):
+    def local_text_len(self, nag: NAGForward) -> int:
+        """Text tokens per branch on this rank: ``T``, or ``T / P`` under context parallelism of degree ``P``."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is None:
+            return nag.text_len
+        degree = (cp.ring_degree or 1) * (cp.ulysses_degree or 1)
+        if nag.text_len % degree:
+            raise ValueError(
+                f"NAG on FLUX.2 under context parallelism needs a text length divisible by the context-parallel "
+                f"degree {degree} (each rank holds the same text positions of both branches), got {nag.text_len} "
+                f"text tokens; pad the prompt to a multiple of {degree} (max_sequence_length)"
+            )
+        return nag.text_len // degree
+
+    def joint(self, q, k, v, tq, tk, tv, rotary, nag: NAGForward, group=None):
         """Attention of one block for both branches.
 
         Args:
             q, k, v: image ``[B, N, H, D]`` (normed, before RoPE).
-            tq, tk, tv: packed text ``[B, 2T, H, D]`` (normed, before RoPE).
-            rotary: ``(cos, sin)``, each ``[2T + N, D]`` for the packed positions (text twice, then image).
+            tq, tk, tv: packed text ``[B, 2T, H, D]`` (normed, before RoPE; this rank's slice under CP).
+            rotary: ``(cos, sin)``, each ``[2T + N, D]`` for the packed positions (each text position twice, then
+                image).
+            group: the tensor-parallel group of the attention's heads (``parallel.tp_group_of``), or ``None``.
 
         Returns:
             ``(text [B, 2T, H * D], image [B, N, H * D])``: each branch's text output, packed; the image output
             NAG-combined over the branches.
         """
-        batch, text_len = q.shape[0], nag.text_len
-        tq, tk, tv = (unpack(t, text_len) for t in (tq, tk, tv))
+        batch, text_len = q.shape[0], tq.shape[1] // 2
+        tq, tk, tv = (unpack(t) for t in (tq, tk, tv))
         if rotary is not None:
             cos, sin = rotary
-            tq, tk = (_rope(t, cos[:text_len], sin[:text_len]) for t in (tq, tk))
+            tq, tk = (_rope(t, cos[: 2 * text_len : 2], sin[: 2 * text_len : 2]) for t in (tq, tk))
             q, k = (_rope(t, cos[2 * text_len:], sin[2 * text_len:]) for t in (q, k))
         if nag.mode == "fast" or self.backend_is_torch():
             text = self.attend(tq, branch_join(tk, k), branch_join(tv, v))  # [2B, T, C]
-            image = image_attention(q, k, v, tk, tv, nag)  # [B, N, C]
+            image = parallel.image_attention(  # [B, N, C]; without parallelism split_attention.image_attention
+                q, k, v, tk, tv, nag, parallel_config=self._parallel_config, group=group
+            )
         else:  # the user's attention backend, each branch over its whole joint sequence
             out = self.attend(branch_join(tq, q), branch_join(tk, k), branch_join(tv, v))  # [2B, T + N, C]
             text = out[:, :text_len]
-            image = combine(out[:batch, text_len:].contiguous(), out[batch:, text_len:].contiguous(), nag)
+            z_pos, z_neg = out[:batch, text_len:].contiguous(), out[batch:, text_len:].contiguous()
+            image = combine(z_pos, z_neg, nag) if group is None else parallel.combine(z_pos, z_neg, nag, group)
         return pack(text, batch), image
 
 
@@ -125,7 +147,7 @@ class NAGFlux2AttnProcessor(_Flux2Processor):
         projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = heads(attn.head_dim, *projections[:3], attn.norm_q, attn.norm_k)
         tq, tk, tv = heads(attn.head_dim, *projections[3:], attn.norm_added_q, attn.norm_added_k)
-        text, image = self.joint(q, k, v, tq, tk, tv, image_rotary_emb, nag)
+        text, image = self.joint(q, k, v, tq, tk, tv, image_rotary_emb, nag, parallel.tp_group_of(attn))
         image = attn.to_out[1](attn.to_out[0](image.to(q.dtype)))
         return image, attn.to_add_out(text.to(q.dtype))
 
@@ -152,9 +174,10 @@ class NAGFlux2ParallelSelfAttnProcessor(_Flux2Processor):
         local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)  # as the stock processor (tensor parallelism)
         qkv, mlp = torch.split(proj, [local_qkv, proj.shape[-1] - local_qkv], dim=-1)
         q, k, v = heads(attn.head_dim, *qkv.chunk(3, dim=-1), attn.norm_q, attn.norm_k)
-        split = 2 * nag.text_len
+        split = 2 * self.local_text_len(nag)
         text, image = self.joint(
-            q[:, split:], k[:, split:], v[:, split:], q[:, :split], k[:, :split], v[:, :split], image_rotary_emb, nag
+            q[:, split:], k[:, split:], v[:, split:], q[:, :split], k[:, :split], v[:, :split], image_rotary_emb, nag,
+            parallel.tp_group_of(attn),
         )
         out = torch.cat([text, image], dim=1).to(q.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
@@ -211,8 +234,10 @@ class Flux2Family(Family):
         ids = kw.get("txt_ids")
         if ids is None:
             raise ValueError("txt_ids must be given in a NAG call (the text positions of the prompt's tokens)")
-        ids = ids[0] if ids.dim() == 3 else ids  # the model uses the first row's ids as well
-        kw["txt_ids"] = torch.cat([ids, ids])  # each branch's text at the prompt's positions
+        # Each branch's text at the prompt's positions, interleaved as the text. [B, T, 4] stays 3-D (batch 1: the model
+        # uses the first row's ids), so that diffusers' context-parallel plan splits it along with the text.
+        ids = ids[:1] if ids.dim() == 3 else ids
+        kw["txt_ids"] = ids.repeat_interleave(2, dim=-2)
         super().deliver(kw, extra, record)
 
 

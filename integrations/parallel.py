@@ -30,8 +30,8 @@ from nag_kernels.attention import attention_with_lse
 def tp_group_of(attn: torch.nn.Module):
     """The process group over which ``attn``'s heads are sharded by tensor parallelism (its query projection's weight
     is a ``DTensor`` sharded on a mesh of more than one rank), else ``None``. ``attn`` is a diffusers attention module
-    (``to_q``, or the fused ``to_qkv``)."""
-    linear = getattr(attn, "to_q", None) or getattr(attn, "to_qkv", None)
+    (``to_q``, the fused ``to_qkv``, or FLUX.2's single-block ``to_qkv_mlp_proj``)."""
+    linear = getattr(attn, "to_q", None) or getattr(attn, "to_qkv", None) or getattr(attn, "to_qkv_mlp_proj", None)
     weight = getattr(linear, "weight", None)
     mesh = getattr(weight, "device_mesh", None)  # only DTensors have one
     if mesh is None or mesh.size() == 1:
