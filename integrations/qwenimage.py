@@ -103,12 +103,17 @@ class NAGQwenAttnProcessor(NAGProcessor):
         return image, attn.to_add_out(text.contiguous())
 
 
+# The stock method as a plain function: dynamo cannot trace ``QwenImageTransformerBlock._modulate`` looked up on the
+# class inside a compiled block (regional compilation); a module-level function it inlines.
+_stock_modulate = None if QwenImageTransformer2DModel is None else getattr(QwenImageTransformerBlock, "_modulate", None)
+
+
 def _text_modulate(self, x, mod_params, index=None):
     """``_modulate`` of a block whose text stream has more rows than the modulation (a guided forward): the
     modulation, which depends on the timestep only, is extended to the text rows. Otherwise the stock method."""
     if index is None and mod_params.shape[0] < x.shape[0]:
         mod_params = extend_rows(mod_params, x.shape[0])
-    return QwenImageTransformerBlock._modulate(self, x, mod_params, index)
+    return _stock_modulate(self, x, mod_params, index)
 
 
 def patch(model):
