@@ -1,41 +1,109 @@
 """The flops suite's model registry: one entry per model configuration it counts.
 
-An entry says what the configuration is (its name in the table, resolution and token counts), how to build the
-full-size model on the meta device (no memory, no weights), how to build one step's inputs for each variant, and
-which NAG modes the model has. Adding a model family (Wan, SDXL, SD3.5, Qwen-Image, Chroma, FLUX.2, Z-Image) is one
-more entry here; the suite's loop does not change.
+An entry says what the configuration is (its name in the table, size, token counts), how to build the full-size
+model on the meta device (no memory, no weights), how to build one step's inputs for each variant, which variants
+the table shows for it and the target ratios its issues set. The families' own meta builders
+(``benchmarks/model_<family>.py``: configs, ``build``, ``step_inputs(model, variant, resolution)``) are adapted
+here; the suite's loop does not change when a family is added.
 
-``step_inputs(batch)`` returns the keyword arguments of every forward one step of a variant makes: ``no_nag`` one
-plain forward at batch ``B``; ``cfg`` two (the positive, then the negative prompt); ``nag`` one forward with ``2B``
-text rows (positive, then NAG-negative) and ``B`` latent rows, as a NAG-patched model takes them.
+``step_inputs(model, batch)`` returns the keyword arguments of every forward one step of a variant makes:
+``no_nag`` one plain forward at batch ``B``; ``cfg`` the two passes of true CFG (two forwards, or one forward at
+``2B`` rows where the family's pipelines batch it: the same FLOPs); ``nag`` the guided forward (``2B`` text rows,
+positive then NAG-negative, and ``B`` latent rows, as a NAG-patched model takes them).
+
+Variants (the rows of the table):
+
+- ``no_nag``, ``cfg``: the forwards above, unpatched;
+- ``nag_exact``, ``nag_fast`` (FLUX.1, the one family whose two modes compute different things): the ``nag``
+  forward with ``apply_nag(mode=...)``;
+- ``nag``: the ``nag`` forward with the family's default mode: the families with one computation (Wan, SDXL,
+  LTX-Video, SD3.5, Qwen-Image: exact mode, the only one) and the shared-image-stream path of FLUX.2, Z-Image and
+  Chroma (their ``exact`` and ``fast`` both name it);
+- derived variants (``nag_2b``: the authors'-style 2B layout of FLUX.2 / Z-Image, for comparison), counted by the
+  family's own builder (``model_flux2.count`` / ``model_zimage.count``: the CFG count minus the parts that stay at
+  one row), on the same full-depth model.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
+from . import model_chroma, model_flux2, model_ltx, model_qwenimage, model_sd3, model_sdxl, model_wan, model_zimage
 from . import random_flux
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
 
+FLUX1_VARIANTS = ("no_nag", "cfg", "nag_exact", "nag_fast")
+ONE_MODE = ("no_nag", "cfg", "nag")
+WITH_2B = ("no_nag", "cfg", "nag", "nag_2b")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A NAG variant's most FLOPs relative to no NAG: ``max_ratio``, or the ratio of another entry's row (``like``:
+    ``(key, variant)``, taken from the same run; ``max_ratio`` is the fallback when that row is not in the run)."""
+
+    max_ratio: float
+    label: str
+    like: tuple[str, str] | None = None
+
 
 @dataclass(frozen=True)
 class FlopsModel:
     key: str  # the --models name
     config: str  # the table's config column
-    resolution: int
-    image_tokens: int
+    resolution: int | str  # a square image's side, or the family's resolution name ("720p", "704x480x161")
+    image_tokens: int  # image / video tokens (SDXL: latent positions)
     text_tokens: int
     build: Callable[[], torch.nn.Module]  # the full-size model on the meta device
-    step_inputs: Callable[[int], dict[str, list[dict]]]  # batch -> {"no_nag": [...], "cfg": [...], "nag": [...]}
-    nag_modes: tuple[str, ...] = ("exact", "fast")
+    step_inputs: Callable[[torch.nn.Module, int], dict[str, list[dict]]]  # (model, batch) -> {variant: [kwargs]}
+    variants: tuple[str, ...] = FLUX1_VARIANTS
+    # derived variants: (model, batch) -> FLOPs of one step, counted by the family's builder
+    derived: Mapping[str, Callable[[torch.nn.Module, int], float]] = field(default_factory=dict)
+    targets: Mapping[str, Target] = field(default_factory=dict)  # variant -> its target
+    size: str = ""  # the table's size label ("" = f"{resolution}^2")
+    tokens: str = ""  # the table's token label ("" = f"{image_tokens}+{text_tokens}")
     toy: bool = False  # a small stand-in for tests (--quick), not a real model
+
+    @property
+    def size_label(self) -> str:
+        return self.size or f"{self.resolution}^2"
+
+    @property
+    def tokens_label(self) -> str:
+        return self.tokens or f"{self.image_tokens}+{self.text_tokens}"
+
+
+def _batched(kw: dict, batch: int, unbatched: tuple[str, ...] = ("img_ids", "txt_ids")) -> dict:
+    """``kw`` (a builder's batch-1 inputs) with every row repeated ``batch`` times in place (``[pos, neg]`` ->
+    ``[pos x B, neg x B]``): tensors along dim 0, per-sample lists (Z-Image's ``x`` / ``cap_feats``, Qwen-Image's
+    ``img_shapes``) element by element; position ids and scalars as they are."""
+    if batch == 1:
+        return kw
+
+    def rows(key, v):
+        if key in unbatched:
+            return v
+        if isinstance(v, torch.Tensor):
+            return v.repeat_interleave(batch, dim=0)
+        if isinstance(v, list):
+            return [e for e in v for _ in range(batch)]
+        if isinstance(v, dict):
+            return {k: rows(k, e) for k, e in v.items()}
+        return v
+
+    return {k: rows(k, v) for k, v in kw.items()}
+
+
+# --- FLUX.1 (random_flux + flux.make_inputs, unchanged: the committed FLUX.1 figures are reproduced exactly) -------
+
+FLUX_CONFIGS = {"FLUX.1": FLUX1, "flux-tiny": FLUX_TINY}
 
 
 @functools.cache
@@ -44,10 +112,7 @@ def _flux_meta(config_name: str) -> torch.nn.Module:
     return random_flux.transformer(FLUX_CONFIGS[config_name], META, DTYPE)
 
 
-FLUX_CONFIGS = {"FLUX.1": FLUX1, "flux-tiny": FLUX_TINY}
-
-
-def _flux_step_inputs(config_name: str, resolution: int, text_tokens: int, batch: int) -> dict[str, list[dict]]:
+def _flux_step_inputs(config_name: str, resolution: int, text_tokens: int, model, batch: int) -> dict[str, list]:
     from .flux import make_inputs, split_rows
 
     nag = make_inputs(FLUX_CONFIGS[config_name], resolution, text_tokens, batch, 2 * batch, DTYPE, META)
@@ -55,13 +120,166 @@ def _flux_step_inputs(config_name: str, resolution: int, text_tokens: int, batch
     return {"no_nag": [pos], "cfg": [pos, neg], "nag": [nag]}
 
 
-def flux(key: str, config_name: str, resolution: int, text_tokens: int, toy: bool = False) -> FlopsModel:
+def flux(key: str, config_name: str, resolution: int, text_tokens: int, toy: bool = False, **kw) -> FlopsModel:
     return FlopsModel(
         key=key, config=config_name, resolution=resolution, image_tokens=flux_image_tokens(resolution),
         text_tokens=text_tokens, build=functools.partial(_flux_meta, config_name),
-        step_inputs=functools.partial(_flux_step_inputs, config_name, resolution, text_tokens), toy=toy,
+        step_inputs=functools.partial(_flux_step_inputs, config_name, resolution, text_tokens), toy=toy, **kw,
     )
 
+
+# --- the other families: their builders' models and inputs -----------------------------------------------------
+
+
+@functools.cache
+def _built(family: str, name: str) -> torch.nn.Module:
+    """One meta model per (family, config), shared by that config's entries (Wan 14B 480p / 720p, Qwen-Image)."""
+    builders = {
+        "wan": model_wan.build, "sdxl": model_sdxl.build, "ltx": model_ltx.build, "sd3": model_sd3.build,
+        "qwenimage": model_qwenimage.build, "chroma": model_chroma.build, "flux2": model_flux2.build,
+        "zimage": model_zimage.build,
+    }
+    return builders[family](name)
+
+
+def _wan_inputs(name: str, resolution: str, model, batch: int) -> dict[str, list]:
+    # model_wan's "cfg" is one forward at 2 video rows: the FLOPs of Wan's two calls
+    return {v: [_batched(model_wan.step_inputs(model, v, resolution, name), batch)] for v in ("no_nag", "cfg", "nag")}
+
+
+def _sdxl_inputs(resolution: str, model, batch: int) -> dict[str, list]:
+    return {v: [_batched(model_sdxl.step_inputs(model, v, resolution), batch)] for v in ("no_nag", "cfg", "nag")}
+
+
+def _ltx_inputs(resolution: str, model, batch: int) -> dict[str, list]:
+    return {v: [_batched(model_ltx.step_inputs(model, v, resolution), batch)] for v in ("no_nag", "cfg", "nag")}
+
+
+def _sd3_inputs(resolution: int, model, batch: int) -> dict[str, list]:
+    # SD3 pipelines batch CFG: one forward at 2 rows
+    kw = {v: _batched(model_sd3.step_inputs(model, v, resolution), batch) for v in ("plain", "cfg", "nag")}
+    return {"no_nag": [kw["plain"]], "cfg": [kw["cfg"]], "nag": [kw["nag"]]}
+
+
+def _qwenimage_inputs(resolution: int, text_tokens: int, model, batch: int) -> dict[str, list]:
+    # Qwen-Image's true CFG is a second plain call (model_qwenimage.CALLS["cfg"] == 2)
+    plain = _batched(model_qwenimage.step_inputs(model, "plain", resolution, text_tokens), batch)
+    nag = _batched(model_qwenimage.step_inputs(model, "nag", resolution, text_tokens), batch)
+    return {"no_nag": [plain], "cfg": [plain] * model_qwenimage.CALLS["cfg"], "nag": [nag]}
+
+
+def _chroma_inputs(resolution: int, text_tokens: int, model, batch: int) -> dict[str, list]:
+    # Chroma's CFG: two plain calls
+    plain = _batched(model_chroma.step_inputs(model, "plain", resolution, text_tokens), batch)
+    nag = _batched(model_chroma.step_inputs(model, "nag", resolution, text_tokens), batch)
+    return {"no_nag": [plain], "cfg": [plain, plain], "nag": [nag]}
+
+
+def _flux2_inputs(resolution: int, text_tokens: int, model, batch: int) -> dict[str, list]:
+    return {v: [_batched(model_flux2.step_inputs(model, v, resolution, text_tokens), batch)]
+            for v in ("no_nag", "cfg", "nag")}
+
+
+def _zimage_inputs(resolution: int, caption: int, model, batch: int) -> dict[str, list]:
+    return {v: [_batched(model_zimage.step_inputs(model, v, resolution, caption, caption), batch)]
+            for v in ("no_nag", "cfg", "nag")}
+
+
+def _batch_one(batch: int, family: str) -> None:
+    if batch != 1:
+        from .harness import Skip
+
+        raise Skip(f"model_{family}.count derives the 2B layout at batch 1 only")
+
+
+def _flux2_2b(name: str, resolution: int, text_tokens: int, model, batch: int) -> float:
+    _batch_one(batch, "flux2")
+    return model_flux2.count(name, "nag_2b", resolution, model, text_tokens) * 1e12
+
+
+def _zimage_2b(name: str, resolution: int, caption: int, model, batch: int) -> float:
+    _batch_one(batch, "zimage")
+    return model_zimage.count(name, "nag_2b", resolution, model, caption, caption) * 1e12
+
+
+def wan(key: str, label: str, name: str, resolution: str, **kw) -> FlopsModel:
+    _, frames, height, width = model_wan.latent_shape(name, resolution)
+    spatial = 16 if name == "wan2.2-ti2v-5b" else 8
+    return FlopsModel(
+        key=key, config=label, resolution=resolution, image_tokens=model_wan.video_tokens(name, resolution),
+        text_tokens=model_wan.TEXT_TOKENS, build=functools.partial(_built, "wan", name),
+        step_inputs=functools.partial(_wan_inputs, name, resolution), variants=ONE_MODE,
+        size=f"{width * spatial}x{height * spatial}x{model_wan.FRAMES}", **kw,
+    )
+
+
+def sdxl(key: str, resolution: str = "1024", name: str = "sdxl-base-1.0") -> FlopsModel:
+    side = model_sdxl.RESOLUTIONS[resolution] // 8
+    return FlopsModel(
+        key=key, config="SDXL base 1.0", resolution=model_sdxl.RESOLUTIONS[resolution], image_tokens=side * side,
+        text_tokens=model_sdxl.TEXT_TOKENS, build=functools.partial(_built, "sdxl", name),
+        step_inputs=functools.partial(_sdxl_inputs, resolution), variants=ONE_MODE,
+        tokens=f"{side}^2 latent+{model_sdxl.TEXT_TOKENS}",
+    )
+
+
+def ltx(key: str, resolution: str = "704x480x161", name: str = "ltx-video-2b") -> FlopsModel:
+    frames, height, width = model_ltx.latent_grid(resolution)
+    return FlopsModel(
+        key=key, config="LTX-Video 2B", resolution=resolution, image_tokens=frames * height * width,
+        text_tokens=model_ltx.TEXT_TOKENS, build=functools.partial(_built, "ltx", name),
+        step_inputs=functools.partial(_ltx_inputs, resolution), variants=ONE_MODE, size=resolution,
+    )
+
+
+def sd3(key: str, label: str, name: str, resolution: int, **kw) -> FlopsModel:
+    return FlopsModel(
+        key=key, config=label, resolution=resolution, image_tokens=(resolution // 16) ** 2,
+        text_tokens=model_sd3.TEXT_TOKENS, build=functools.partial(_built, "sd3", name),
+        step_inputs=functools.partial(_sd3_inputs, resolution), variants=ONE_MODE, **kw,
+    )
+
+
+def qwenimage(key: str, resolution: int, text_tokens: int = 256, **kw) -> FlopsModel:
+    return FlopsModel(
+        key=key, config="Qwen-Image", resolution=resolution, image_tokens=(resolution // 16) ** 2,
+        text_tokens=text_tokens, build=functools.partial(_built, "qwenimage", "qwen-image"),
+        step_inputs=functools.partial(_qwenimage_inputs, resolution, text_tokens), variants=ONE_MODE, **kw,
+    )
+
+
+def chroma(key: str, resolution: int, text_tokens: int = 512, **kw) -> FlopsModel:
+    return FlopsModel(
+        key=key, config="Chroma1-HD", resolution=resolution, image_tokens=(resolution // 16) ** 2,
+        text_tokens=text_tokens, build=functools.partial(_built, "chroma", "chroma1-hd"),
+        step_inputs=functools.partial(_chroma_inputs, resolution, text_tokens), variants=ONE_MODE, **kw,
+    )
+
+
+def flux2(key: str, label: str, name: str, resolution: int, text_tokens: int = model_flux2.TEXT_TOKENS,
+          **kw) -> FlopsModel:
+    return FlopsModel(
+        key=key, config=label, resolution=resolution, image_tokens=model_flux2.image_tokens(resolution),
+        text_tokens=text_tokens, build=functools.partial(_built, "flux2", name),
+        step_inputs=functools.partial(_flux2_inputs, resolution, text_tokens), variants=WITH_2B,
+        derived={"nag_2b": functools.partial(_flux2_2b, name, resolution, text_tokens)}, **kw,
+    )
+
+
+def zimage(key: str, resolution: int, caption: int = model_zimage.TEXT_TOKENS, name: str = "z-image-turbo",
+           **kw) -> FlopsModel:
+    return FlopsModel(
+        key=key, config="Z-Image-Turbo", resolution=resolution, image_tokens=(resolution // 16) ** 2,
+        text_tokens=caption, build=functools.partial(_built, "zimage", name),
+        step_inputs=functools.partial(_zimage_inputs, resolution, caption), variants=WITH_2B,
+        derived={"nag_2b": functools.partial(_zimage_2b, name, resolution, caption)}, **kw,
+    )
+
+
+# FLUX.1 fast mode's ratio at 1024^2 in benchmarks/results/flops-meta-20261127-100236.json (84.135 / 74.385 TFLOP):
+# Chroma's target when the flux1-1024 row is not in the same run.
+FLUX1_FAST_1024_RATIO = 84135379992576 / 74384653418496
+AT_MOST_1_15 = Target(1.15, "<= 1.15x")
 
 MODELS: dict[str, FlopsModel] = {
     m.key: m
@@ -69,6 +287,30 @@ MODELS: dict[str, FlopsModel] = {
         # FLUX.1-dev / -schnell (configs.FLUX1), 512 T5 tokens.
         flux("flux1-1024", "FLUX.1", 1024, FLUX1_TEXT_TOKENS),
         flux("flux1-2048", "FLUX.1", 2048, FLUX1_TEXT_TOKENS),
+        # Wan 2.1 T2V 14B, 81 frames, 512 UMT5 tokens; Wan 2.2 TI2V-5B at its 720p (1280x704: 16x VAE).
+        wan("wan21-14b-480p", "Wan 2.1 T2V 14B", "wan2.1-t2v-14b", "480p"),
+        wan("wan21-14b-720p", "Wan 2.1 T2V 14B", "wan2.1-t2v-14b", "720p",
+            targets={"nag": Target(1.02, "<= 1.02x")}),
+        wan("wan22-ti2v-5b-720p", "Wan 2.2 TI2V 5B", "wan2.2-ti2v-5b", "720p"),
+        # SDXL base UNet, 77 CLIP tokens; the pipelines batch CFG.
+        sdxl("sdxl-1024"),
+        # LTX-Video 2B at the pipeline's default 704x480, 161 frames, 128 T5 tokens.
+        ltx("ltx-video-704x480x161"),
+        # SD3.5 Large / Medium, 77 CLIP + 256 T5 tokens.
+        sd3("sd35-large-1024", "SD3.5 Large", "sd3.5-large", 1024, targets={"nag": AT_MOST_1_15}),
+        sd3("sd35-medium-1024", "SD3.5 Medium", "sd3.5-medium", 1024),
+        # Qwen-Image, 256 text tokens (model_qwenimage's default; each prompt has its own length).
+        qwenimage("qwen-image-1024", 1024, targets={"nag": AT_MOST_1_15}),
+        qwenimage("qwen-image-1328", 1328),
+        # Chroma1-HD, 512 T5 tokens, text mask given: the shared image stream is its one NAG computation.
+        chroma("chroma-1024", 1024, targets={"nag": Target(
+            FLUX1_FAST_1024_RATIO, "<= FLUX.1 fast at 1024^2", like=("flux1-1024", "nag_fast"))}),
+        # FLUX.2 [dev] and [klein] 4B / 9B, text padded to 512 tokens.
+        flux2("flux2-dev-1024", "FLUX.2 [dev]", "flux2-dev", 1024, targets={"nag": AT_MOST_1_15}),
+        flux2("flux2-klein-4b-1024", "FLUX.2 [klein] 4B", "flux2-klein-4b", 1024, targets={"nag": AT_MOST_1_15}),
+        flux2("flux2-klein-9b-1024", "FLUX.2 [klein] 9B", "flux2-klein-9b", 1024, targets={"nag": AT_MOST_1_15}),
+        # Z-Image-Turbo, captions at the pipelines' 512-token bucket (the NAG negative as long).
+        zimage("z-image-1024", 1024, targets={"nag": AT_MOST_1_15}),
         # The Flux-shaped toy (configs.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),

@@ -1,12 +1,17 @@
 """The flops suite keeps working: counts on the meta device, CFG is exactly two plain passes, NAG exact costs more
-than a plain step and less than CFG, and nothing that looks like a matmul goes uncounted."""
+than a plain step and less than CFG, nothing that looks like a matmul goes uncounted, targets say PASS or FAIL, and
+every registered entry builds its full-size model and its inputs (nothing full-size is counted here: the suite
+itself, ``python -m benchmarks flops``, takes minutes)."""
 
 import json
 
 import pytest
+import torch
 
+from benchmarks import flops
 from benchmarks import harness as h
 from benchmarks.__main__ import main
+from benchmarks.flops_models import MODELS, Target, selected
 
 HAVE_INTEGRATION = h.integration_available()
 
@@ -25,3 +30,60 @@ def test_suite_counts_toy(tmp_path):
     if HAVE_INTEGRATION:
         assert 1.0 < rows["nag_exact"]["ratio_vs_no_nag"] < 2.0
     assert tmp_path.joinpath(path.stem + ".md").exists()
+
+
+def test_registry_selection():
+    assert {m.key for m in selected(None, quick=True)} == {"flux-tiny-256", "flux-tiny-512"}
+    real = selected(None, quick=False)
+    assert {"flux1-1024", "flux1-2048", "wan21-14b-720p", "z-image-1024"} <= {m.key for m in real}
+    assert not any(m.toy for m in real)
+    with pytest.raises(SystemExit, match="unknown flops model"):
+        selected("flux1-1024,nope", quick=False)
+
+
+def test_every_entry_builds_its_inputs():
+    """Each entry: its variants are ones the suite counts, its targets name its variants, its full-size model builds
+    on meta and its inputs too, at batch 1 and 2 (every batched row doubled, the position ids not)."""
+    for entry in MODELS.values():
+        known = {"no_nag", "cfg", *flops._NAG_APPLIED, *entry.derived}
+        assert entry.variants[:2] == ("no_nag", "cfg") and set(entry.variants) <= known, entry.key
+        assert set(entry.targets) <= set(entry.variants), entry.key
+        for t in entry.targets.values():
+            assert t.max_ratio > 1 and (t.like is None or t.like[0] in MODELS), entry.key
+        model = entry.build()
+        assert next(model.parameters()).device.type == "meta", entry.key
+        one, two = entry.step_inputs(model, 1), entry.step_inputs(model, 2)
+        for variant in ("no_nag", "cfg", "nag"):
+            assert one[variant] and len(one[variant]) == len(two[variant]), (entry.key, variant)
+            for kw1, kw2 in zip(one[variant], two[variant]):
+                for key, v in kw1.items():
+                    if isinstance(v, torch.Tensor) and v.dim() and key not in ("img_ids", "txt_ids"):
+                        assert v.device.type == "meta", (entry.key, key)
+                        assert kw2[key].shape[0] == 2 * v.shape[0], (entry.key, variant, key)
+                    elif isinstance(v, list):
+                        assert len(kw2[key]) == 2 * len(v), (entry.key, variant, key)
+
+
+def _row(model, variant, tflop, target=None):
+    row = dict(model=model, config=model, resolution=1024, image_tokens=1, text_tokens=1, variant=variant,
+               status="ok", flops=tflop * 1e12, tflop=tflop, uncounted_ops=[])
+    if target:
+        row["target"] = {"max_ratio": target.max_ratio, "label": target.label,
+                         "like": list(target.like) if target.like else None}
+    return row
+
+
+def test_targets_pass_fail_and_a_bound_from_another_row():
+    like = Target(9.9, "<= a's fast", like=("a", "nag_fast"))
+    rows = [_row("a", "no_nag", 10), _row("a", "nag_fast", 11.3),
+            _row("b", "no_nag", 10), _row("b", "nag", 11.2, like), _row("c", "no_nag", 10),
+            _row("c", "nag", 11.6, Target(1.15, "<= 1.15x"))]
+    flops.add_ratios(rows)
+    assert rows[3]["target"]["max_ratio"] == pytest.approx(1.13) and rows[3]["target_met"] is True
+    assert rows[5]["target_met"] is False
+    table = flops.markdown(rows)
+    assert "<= 1.15x: **FAIL**" in table and "(1.1300x; counted 1.1200x): **PASS**" in table
+    assert "not counted here" in table and "tests/test_parallel_flux.py" in table
+    alone = [_row("b", "no_nag", 10), _row("b", "nag", 11.4, like)]  # a's row not in the run: the fallback bound
+    flops.add_ratios(alone)
+    assert alone[1]["target"]["max_ratio"] == 9.9 and alone[1]["target_met"] is True
