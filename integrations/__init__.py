@@ -16,15 +16,16 @@ from . import versions
 
 versions.check(diffusers.__version__)
 
-from . import flux  # noqa: E402,F401  (registers FLUX.1)
-from . import flux2  # noqa: E402,F401  (registers FLUX.2 [dev] / [klein])
-from . import zimage  # noqa: E402,F401  (registers Z-Image)
-from . import sd3  # noqa: E402,F401
-from . import qwenimage  # noqa: E402,F401
-from . import chroma  # noqa: E402,F401
-from . import wan  # noqa: E402,F401  (registers Wan 2.1 / 2.2)
-from . import sdxl  # noqa: E402,F401  (registers SDXL)
-from . import ltx  # noqa: E402,F401  (registers LTX-Video)
+# One module per model family; each registers its Family (family.py) for the model classes this diffusers has.
+from . import flux  # noqa: E402,F401  (FLUX.1, Kontext, Fill, Control)
+from . import chroma  # noqa: E402,F401  (Chroma)
+from . import flux2  # noqa: E402,F401  (FLUX.2 [dev] / [klein])
+from . import zimage  # noqa: E402,F401  (Z-Image)
+from . import sd3  # noqa: E402,F401  (SD3 / SD3.5)
+from . import qwenimage  # noqa: E402,F401  (Qwen-Image)
+from . import wan  # noqa: E402,F401  (Wan 2.1 / 2.2)
+from . import sdxl  # noqa: E402,F401  (SDXL)
+from . import ltx  # noqa: E402,F401  (LTX-Video)
 from .api import apply_nag, nag, remove_nag  # noqa: E402
 from .config import NAGConfig  # noqa: E402
 from .dropin import NAGFluxPipeline, NAGFluxTransformer2DModel  # noqa: E402
