@@ -124,14 +124,6 @@ def lse_merge(o_a, lse_a, o_b, lse_b) -> torch.Tensor:
     return (w_a * o_a.to(dtype) + w_b * o_b.to(dtype)) / total.masked_fill(total == 0, 1.0)
 
 
-def partial_sums(z_pos: torch.Tensor, guided: torch.Tensor, norm: str) -> torch.Tensor:
-    """This rank's part of the per-token norms: ``[..., 2]`` = (sum over the local channels of ``|z+|`` and of
-    ``|g|``; L2: of their squares). Summed over the ranks, they are the L1 norms / squared L2 norms of the token."""
-    if norm == "l1":
-        return torch.stack([z_pos.abs().sum(-1), guided.abs().sum(-1)], dim=-1)
-    return torch.stack([z_pos.square().sum(-1), guided.square().sum(-1)], dim=-1)
-
-
 def combine_sharded(z_pos, z_neg, nag, group, out: torch.Tensor | None = None) -> torch.Tensor:
     """The NAG combine (docs/spec.md, "The combine") of tokens whose channels ``[..., C / tp]`` are spread over the
     ranks of ``group``: the partial norms are all-reduced (a ``[..., 2]`` float32 tensor) before the clamp. Same

@@ -2,7 +2,7 @@
 
 from .merge_ops import nag_merge
 from .ops import nag
-from .partial_norm import nag_partial_norms, nag_with_norms
+from .partial_norm_ops import nag_partial_norms, nag_with_norms
 from .reference import nag_merge_reference, nag_reference
 
 __version__ = "0.1.0"
