@@ -18,9 +18,9 @@ def _restore_diffusers_attention_backend():
     """diffusers' ``model.set_attention_backend(...)`` also sets the process-wide active backend; restore it after
     each test so one test's choice does not reach the next (nor the processes a multi-process test forks)."""
     dispatch = sys.modules.get("diffusers.models.attention_dispatch")
-    before = dispatch._AttentionBackendRegistry.get_active_backend()[0] if dispatch else None
+    before = dispatch._AttentionBackendRegistry._active_backend if dispatch else None
     yield
     dispatch = sys.modules.get("diffusers.models.attention_dispatch")
-    if dispatch is not None:
+    if dispatch is not None:  # the class attribute exists on every supported diffusers (0.35 has no setter for it)
         registry = dispatch._AttentionBackendRegistry
-        registry.set_active_backend(before if before is not None else registry._active_backend.__class__("native"))
+        registry._active_backend = before if before is not None else dispatch.AttentionBackendName("native")
