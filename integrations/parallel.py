@@ -47,7 +47,7 @@ def image_attention(q, k, v, text_k, text_v, nag, *, parallel_config=None, group
     ``cp_attention_with_lse``, the merge and combine locally); ``group``: the TP group (``tp_group_of``: the merge per
     head, the combine with all-reduced norms). Neither: ``split_attention.image_attention`` itself.
     """
-    from .split_attention import image_attention as plain, merge_backend
+    from .split_attention import image_attention as plain
 
     cp = parallel_config if getattr(parallel_config, "context_parallel_config", None) is not None else None
     if cp is None and group is None:
@@ -63,7 +63,7 @@ def image_attention(q, k, v, text_k, text_v, nag, *, parallel_config=None, group
         out = merge_combine_sharded(*parts, nag, group)
     else:
         out = nag_kernels.nag_merge(
-            *parts, nag.scale, nag.tau, nag.alpha, norm=nag.norm, backend=merge_backend(nag, q.dtype)
+            *parts, nag.scale, nag.tau, nag.alpha, norm=nag.norm, backend=nag.backend
         )
     return out.flatten(2, 3).to(q.dtype)
 

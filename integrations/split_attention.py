@@ -51,13 +51,6 @@ def branch_join(text: torch.Tensor, image: torch.Tensor, text_first: bool = True
     return out
 
 
-def merge_backend(nag, dtype: torch.dtype) -> str:
-    """The ``nag_merge`` backend for ``nag.backend``: the fused kernel has no float64 path, so "auto" means torch."""
-    if nag.backend == "auto" and dtype == torch.float64:
-        return "torch"
-    return nag.backend
-
-
 def masked_attention_with_lse(q, k, v, key_mask: torch.Tensor):
     """Attention with a key mask, and its log-sum-exp, in plain PyTorch ops (for the small image-to-text part).
 
@@ -116,7 +109,7 @@ def image_attention(q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None
         nag.tau,
         nag.alpha,
         norm=nag.norm,
-        backend=merge_backend(nag, q.dtype),
+        backend=nag.backend,
     )
     return out.flatten(2, 3).to(q.dtype)
 
@@ -124,5 +117,5 @@ def image_attention(q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None
 def combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag, out: torch.Tensor | None = None) -> torch.Tensor:
     """``nag_kernels.nag`` with the call's settings (``"auto"`` picks a backend that takes the dtype)."""
     return nag_kernels.nag(
-        z_pos, z_neg, nag.scale, nag.tau, nag.alpha, norm=nag.norm, out=out, backend=merge_backend(nag, z_pos.dtype)
+        z_pos, z_neg, nag.scale, nag.tau, nag.alpha, norm=nag.norm, out=out, backend=nag.backend
     )

@@ -40,7 +40,6 @@ from .guided import NAGForward, state_of
 from .pipeline import PromptAdapter, _per_prompt
 from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
 from .registry import register_family
-from .split_attention import merge_backend
 
 try:  # Z-Image arrived in diffusers 0.36; on older releases this family is not registered
     from diffusers.models.attention_processor import Attention
@@ -121,7 +120,7 @@ class NAGZImageAttnProcessor(NAGProcessor):
         )
         out = nag_kernels.nag_merge(
             o_image, lse_image, o_pos, lse_pos, o_neg, lse_neg, nag.scale, nag.tau, nag.alpha,
-            norm=nag.norm, backend=merge_backend(nag, q.dtype),
+            norm=nag.norm, backend=nag.backend,
         )
         return out.flatten(2, 3)
 
