@@ -5,6 +5,8 @@
 are drop-in names for the authors' classes. Each model family is one module registering a ``Family``.
 """
 
+import sys
+
 try:
     import diffusers
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -16,20 +18,24 @@ from . import versions
 
 versions.check(diffusers.__version__)
 
-# One module per model family; each registers its Family (family.py) for the model classes this diffusers has.
-from . import flux  # noqa: E402,F401  (FLUX.1, Kontext, Fill, Control)
-from . import chroma  # noqa: E402,F401  (Chroma)
-from . import flux2  # noqa: E402,F401  (FLUX.2 [dev] / [klein])
-from . import zimage  # noqa: E402,F401  (Z-Image)
-from . import sd3  # noqa: E402,F401  (SD3 / SD3.5)
-from . import qwenimage  # noqa: E402,F401  (Qwen-Image)
-from . import wan  # noqa: E402,F401  (Wan 2.1 / 2.2)
-from . import sdxl  # noqa: E402,F401  (SDXL)
-from . import ltx  # noqa: E402,F401  (LTX-Video)
+# One module per model family (families/__init__.py lists them); each registers its Family for the model classes
+# this diffusers has.
+from . import families  # noqa: E402
+
+families.load_all()
+
 from .api import apply_nag, nag, remove_nag  # noqa: E402
 from .config import NAGConfig  # noqa: E402
-from .dropin import NAGFluxPipeline, NAGFluxTransformer2DModel  # noqa: E402
+from .families.flux_dropin import NAGFluxPipeline, NAGFluxTransformer2DModel  # noqa: E402
 from .registry import supported_models, supported_pipelines  # noqa: E402
+
+# The family modules' earlier paths (nag_kernels.integrations.flux, ...) stay importable.
+for _name in (*families.FAMILIES, "flux_fast", "flux_dropin"):
+    _module = sys.modules.get(f"{families.__name__}.{_name}")
+    if _module is not None:
+        sys.modules[f"{__name__}.{_name}"] = globals()[_name] = _module
+sys.modules[f"{__name__}.dropin"] = sys.modules[f"{families.__name__}.flux_dropin"]
+del _name, _module
 
 __all__ = [
     "NAGConfig",

@@ -11,6 +11,7 @@ import torch
 from .family import Family
 
 _FAMILIES: dict[type, Family] = {}
+_UNAVAILABLE: dict[str, str] = {}
 
 
 def register_family(family: Family) -> None:
@@ -19,9 +20,14 @@ def register_family(family: Family) -> None:
         _FAMILIES[model_cls] = family
 
 
-def register_model(model_cls: type, family: Family) -> None:
-    """Register ``family`` for one more model class."""
-    _FAMILIES[model_cls] = family
+def register_unavailable(family: str, reason: str) -> None:
+    """Record that ``family`` (a name, e.g. ``"Wan 2.1 / 2.2"``) could not be loaded on this diffusers, and why."""
+    _UNAVAILABLE[family] = reason
+
+
+def unavailable() -> dict[str, str]:
+    """Families this diffusers release cannot serve (name -> the import error), for error messages and docs."""
+    return dict(_UNAVAILABLE)
 
 
 def families() -> list[Family]:
@@ -44,9 +50,10 @@ def family_for(model: torch.nn.Module) -> Family:
     for cls in type(model).__mro__:
         if cls in _FAMILIES:
             return _FAMILIES[cls]
+    missing = "".join(f"; {name} needs a newer diffusers ({why})" for name, why in _UNAVAILABLE.items())
     raise TypeError(
         f"NAG does not support {type(model).__name__} yet; supported models: {', '.join(supported_models())} "
-        f"(pipelines: {', '.join(supported_pipelines())})"
+        f"(pipelines: {', '.join(supported_pipelines())}){missing}"
     )
 
 
@@ -56,5 +63,3 @@ def family_for_pipeline(name: str) -> Family | None:
             return family
     return None
 
-
-handler_for = family_for  # the earlier name

@@ -39,16 +39,16 @@ from diffusers.models.transformers.transformer_flux import (
     _get_qkv_projections,
 )
 
-from . import forward_patch
-from .family import Family
+from .. import forward_patch
+from ..family import Family
 from .flux_fast import fast_single_block, qkv, rope, split_rope
-from .guided import STATE_ATTR, NAGForward, as_kwargs
-from .pipeline import PromptAdapter
-from .forward_patch import patch_forward
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
-from . import parallel
-from .split_attention import branch_join, heads
+from ..guided import STATE_ATTR, NAGForward, as_kwargs
+from ..pipeline import PromptAdapter
+from ..forward_patch import patch_forward
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
+from .. import parallel
+from ..split_attention import branch_join, heads
 
 # Supported pipelines -> the recommended settings that differ from the family's there.
 PIPELINES = {

@@ -35,11 +35,11 @@ import torch
 import nag_kernels
 from nag_kernels.attention import attention_with_lse
 
-from .family import Family
-from .guided import NAGForward, state_of
-from .pipeline import PromptAdapter, _per_prompt
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
+from ..family import Family
+from ..guided import NAGForward, state_of
+from ..pipeline import PromptAdapter, _per_prompt
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
 
 try:  # Z-Image arrived in diffusers 0.36; on older releases this family is not registered
     from diffusers.models.attention_processor import Attention

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import torch
 
-from .family import Family
-from .guided import NAGForward
-from .pipeline import PromptAdapter
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
-from . import parallel
-from .split_attention import branch_join, combine, heads
+from ..family import Family
+from ..guided import NAGForward
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
+from .. import parallel
+from ..split_attention import branch_join, combine, heads
 
 try:  # FLUX.2 arrived in diffusers 0.36; on older releases this family is not registered
     from diffusers.models.embeddings import apply_rotary_emb

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from . import forward_patch
-from .family import Family
-from .forward_patch import patch_forward
-from .guided import as_kwargs, rows
-from .pipeline import PromptAdapter
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
-from .split_attention import branch_join, heads, image_attention
+from .. import forward_patch
+from ..family import Family
+from ..forward_patch import patch_forward
+from ..guided import as_kwargs, rows
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
+from ..split_attention import branch_join, heads, image_attention
 
 try:
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0

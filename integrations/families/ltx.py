@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from . import cross_attention, forward_patch
-from .family import Family
-from .guided import as_kwargs
-from .pipeline import PromptAdapter
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
+from .. import cross_attention, forward_patch
+from ..family import Family
+from ..guided import as_kwargs
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
 
 try:  # diffusers releases without LTXAttention (before the attention refactor) register nothing
     from diffusers.models.transformers.transformer_ltx import (

@@ -7,7 +7,7 @@ stock classes (``FluxPipeline``, ``FluxTransformer2DModel``).
 
 from __future__ import annotations
 
-from .api import apply_nag
+from ..api import apply_nag
 
 
 class NAGFluxTransformer2DModel:

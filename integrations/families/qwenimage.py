@@ -22,12 +22,12 @@ import types
 
 import torch
 
-from .family import Family
-from .pipeline import PromptAdapter
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
+from ..family import Family
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
 from .sd3 import extend_rows
-from .split_attention import branch_join, combine, heads, image_attention
+from ..split_attention import branch_join, combine, heads, image_attention
 
 try:
     from diffusers.models.attention_processor import Attention

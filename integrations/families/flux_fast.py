@@ -17,8 +17,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from . import parallel
-from .split_attention import branch_join, heads, image_attention  # noqa: F401  (re-exported)
+from .. import parallel
+from ..split_attention import branch_join, heads, image_attention  # noqa: F401  (re-exported)
 
 
 def qkv(attn, x: torch.Tensor):

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from . import cross_attention
-from .family import Family
-from .guided import NAGForward
-from .pipeline import PromptAdapter
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
+from .. import cross_attention
+from ..family import Family
+from ..guided import NAGForward
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
 
 PIPELINES = {
     "StableDiffusionXLPipeline": {},

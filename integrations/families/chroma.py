@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import torch
 
-from . import forward_patch
-from .family import Family
+from .. import forward_patch
+from ..family import Family
 from .flux import NAGFluxAttnProcessor
 from .flux_fast import qkv, rope, split_rope
-from .forward_patch import patch_forward
-from .guided import as_kwargs
-from .pipeline import PromptAdapter
-from .processor import check_processors, restore_processors, wrap_processors
-from .registry import register_family
+from ..forward_patch import patch_forward
+from ..guided import as_kwargs
+from ..pipeline import PromptAdapter
+from ..processor import check_processors, restore_processors, wrap_processors
+from ..registry import register_family
 from .sd3 import _text_rows_forward
-from .split_attention import branch_join, combine, heads, image_attention
+from ..split_attention import branch_join, combine, heads, image_attention
 
 try:
     from diffusers.models.transformers.transformer_chroma import ChromaTransformer2DModel

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from . import cross_attention
-from .family import Family
-from .pipeline import PromptAdapter
-from .processor import NAGProcessor, check_processors, restore_processors, wrap_processors
-from .registry import register_family
+from .. import cross_attention
+from ..family import Family
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..registry import register_family
 
 try:  # diffusers releases without the WanAttention API register nothing (apply_nag then names the supported models)
     from diffusers.models.transformers.transformer_wan import (
@@ -80,7 +80,7 @@ if WanAttention is not None:
             # Like the stock processor: cross-attention is never context-parallel (the text is not split).
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-            from .processor import _DISPATCH_TAKES_PARALLEL_CONFIG
+            from ..processor import _DISPATCH_TAKES_PARALLEL_CONFIG
 
             extra = {"parallel_config": None} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
             out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend, **extra)

@@ -1,0 +1,39 @@
+"""The model families: one module each, holding only that family's model knowledge (docs/adding-a-family.md).
+
+Each module builds a ``Family`` (``..family``) and registers it. ``load_all`` imports them in order; a family whose
+diffusers classes this release lacks is recorded as unavailable (``registry.unavailable``) instead of failing the
+import, so ``apply_nag`` can say which diffusers it needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..registry import register_unavailable
+
+# Module name -> what it covers. Order matters only where a family imports another's public names.
+FAMILIES = {
+    "flux": "FLUX.1, Kontext, Fill, Control",
+    "chroma": "Chroma",
+    "flux2": "FLUX.2 [dev] / [klein]",
+    "zimage": "Z-Image",
+    "sd3": "SD3 / SD3.5",
+    "qwenimage": "Qwen-Image",
+    "wan": "Wan 2.1 / 2.2",
+    "sdxl": "SDXL",
+    "ltx": "LTX-Video",
+}
+
+
+def _from_diffusers(err: ImportError) -> bool:
+    return (err.name or "").split(".")[0] == "diffusers"
+
+
+def load_all() -> None:
+    for name, covers in FAMILIES.items():
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ImportError as err:
+            if not _from_diffusers(err):
+                raise
+            register_unavailable(covers, str(err))
