@@ -7,14 +7,17 @@ This module knows no model: what differs per family comes from its ``Family`` (`
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
 from . import caches as _caches
 from . import pipeline as _pipeline
 from .config import NAGConfig
-from .guided import STATE_ATTR, NAGState, pre_hook, state_of
 from .forward_patch import parameter_names
+from .guided import STATE_ATTR, NAGState, post_hook, pre_hook, state_of
+from .install import install, uninstall
+from .pipeline import PIPELINE_CONFIG
 from .registry import family_for, family_for_pipeline, supported_pipelines
 
 
@@ -41,30 +44,74 @@ def _settings(family, pipeline_name: str | None, given: dict) -> NAGConfig:
     return config
 
 
-def _apply_model(model, config: NAGConfig, where: str) -> None:
+def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
+    """Patch ``model`` (or re-patch it: a second apply updates the settings and re-wraps processors set since, never
+    stacks) for ``owner`` (a pipeline) or for direct calls (``owner=None``). Undoes itself when it fails."""
     _check_not_compiled(model, where)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"apply_nag expects a diffusers pipeline or model, got {type(model).__name__}")
     family = family_for(model)
     _caches.check_model(model)  # diffusers caches NAG refuses (caches.py), before anything is patched
     state = state_of(model)
-    if state is not None:  # a second apply_nag updates the settings and re-wraps processors set since; never stacks
-        _remove_model(model)
-    processors, patched = family.patch(model)
-    # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
-    # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
-    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
-    names = parameter_names(type(model).forward)
-    setattr(model, STATE_ATTR, NAGState(family, config, processors, patched, handle, names))
+    if state is not None:
+        uninstall(family, model, state.installed)
+        state.installed = install(family, model)
+        state.config = config
+    else:
+        installed = install(family, model)
+        # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
+        # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
+        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+        after = None
+        if not family.passes_attention_kwargs:
+            after = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+        names = parameter_names(type(model).forward)
+        state = NAGState(family, config, installed, handle, names, after, weakref.WeakSet())
+        setattr(model, STATE_ATTR, state)
+    if owner is None:
+        state.direct = True
+    else:
+        state.owners.add(owner)
     _caches.guard(model)  # enable_cache refuses those caches while NAG is applied
 
 
 def _remove_model(model) -> None:
     state: NAGState = state_of(model)
     state.pre_hook.remove()
-    state.family.restore(model, state.processors, state.patched)
+    if state.post_hook is not None:
+        state.post_hook.remove()
+    uninstall(state.family, model, state.installed)
     delattr(model, STATE_ATTR)
     _caches.unguard(model)
+
+
+def _release_model(model, owner) -> None:
+    """``owner`` (a pipeline) no longer needs NAG on ``model``: unpatch it unless another pipeline, or a direct
+    ``apply_nag(model)``, still does."""
+    state = state_of(model)
+    if state is None:
+        return
+    state.owners.discard(owner)
+    if not state.direct and not len(state.owners):
+        _remove_model(model)
+
+
+def _snapshot(model):
+    state = state_of(model)
+    return None if state is None else (state.config, set(state.owners), state.direct)
+
+
+def _roll_back(model, before, owner) -> None:
+    """Put ``model`` back as it was before an ``apply_nag`` that failed on a later model."""
+    if state_of(model) is None:
+        return
+    if before is None:
+        _remove_model(model)
+        return
+    state = state_of(model)
+    state.config, owners, state.direct = before
+    if owner not in owners:
+        state.owners.discard(owner)
 
 
 def apply_nag(
@@ -114,7 +161,10 @@ def apply_nag(
             ``"torch"``.
 
     Applying twice updates the settings, the mode included (it never stacks); ``remove_nag`` undoes everything;
-    ``with nag(pipe, ...):`` does both.
+    ``with nag(pipe, ...):`` does both. Settings belong to the pipeline they were applied to: pipelines sharing a
+    transformer (one pipeline per request over shared components) each keep their own, and concurrent calls never
+    see each other's. The shared model stays patched until the last pipeline that applied NAG to it is passed to
+    ``remove_nag``. A refused ``apply_nag`` leaves nothing patched.
 
     Example::
 
@@ -147,8 +197,15 @@ def apply_nag(
             _check_not_compiled(model, f"{name}.{attr}")
             if family_for(model) is not family:
                 raise TypeError(f"{name}.{attr} is a {type(model).__name__}, which {family.name}'s NAG does not patch")
-        for attr, model in models:
-            _apply_model(model, config, f"{name}.{attr}")
+        before = [(model, _snapshot(model)) for _, model in models]
+        try:  # all or nothing: a model refused after another was patched leaves nothing patched
+            for attr, model in models:
+                _apply_model(model, config, f"{name}.{attr}", owner=pipe)
+        except BaseException:
+            for model, snapshot in before:
+                _roll_back(model, snapshot, pipe)
+            raise
+        pipe.__dict__[PIPELINE_CONFIG] = config
         _pipeline.patch(pipe)
         return pipe
     model = pipe_or_transformer
@@ -165,12 +222,13 @@ def remove_nag(pipe_or_transformer):
     Afterwards the outputs are bit-identical to a never-patched model. A no-op on an object that is not patched.
     """
     obj = pipe_or_transformer
-    models = _models_of(obj)
     if _is_pipeline(obj):
         _pipeline.unpatch(obj)
-    for model in models:
-        if isinstance(model, torch.nn.Module) and state_of(model) is not None:
-            _remove_model(model)
+        obj.__dict__.pop(PIPELINE_CONFIG, None)
+        for model in _models_of(obj):
+            _release_model(model, obj)
+    elif isinstance(obj, torch.nn.Module) and state_of(obj) is not None:
+        _remove_model(obj)
     return obj
 
 
@@ -178,7 +236,8 @@ def remove_nag(pipe_or_transformer):
 def nag(pipe_or_transformer, **settings):
     """``apply_nag(pipe_or_transformer, **settings)`` for the duration of a ``with`` block, undone on exit.
 
-    On an object that was already patched, the exit restores its earlier settings instead of removing NAG.
+    On an object that was already patched, the exit restores its earlier settings instead of removing NAG. Another
+    pipeline sharing the same model keeps its own settings throughout.
 
     Example::
 
@@ -187,18 +246,25 @@ def nag(pipe_or_transformer, **settings):
         >>> image = pipe("a cat").images[0]  # the stock pipeline again
     """
     obj = pipe_or_transformer
-    models = _models_of(obj)
-    before = {id(model): state_of(model).config for model in models if state_of(model) is not None}
+    before = _own_config(obj)
     apply_nag(obj, **settings)
     try:
         yield obj
     finally:
-        if not before:
+        if before is None:
             remove_nag(obj)
-        else:
-            for model in _models_of(obj):
-                if id(model) in before and state_of(model) is not None:
-                    state_of(model).config = before[id(model)]
+        elif _is_pipeline(obj):
+            obj.__dict__[PIPELINE_CONFIG] = before
+        elif state_of(obj) is not None:
+            state_of(obj).config = before
+
+
+def _own_config(obj):
+    """The settings ``obj`` itself was patched with (a pipeline's own, or a directly patched model's), else None."""
+    if _is_pipeline(obj):
+        return obj.__dict__.get(PIPELINE_CONFIG) if _pipeline.is_patched(obj) else None
+    state = state_of(obj) if isinstance(obj, torch.nn.Module) else None
+    return state.config if state is not None and state.direct else None
 
 
 def _models_of(obj) -> list:

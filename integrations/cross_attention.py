@@ -7,10 +7,9 @@ NAG-negative rows of the last ``g`` latent rows; ``g = L`` unless CFG's rows are
 attention per branch, and the NAG combine before ``to_out``. The latent stream is never duplicated, so a guided
 forward costs a plain one plus the text K/V projections and one more attention over the short text sequence.
 
-``guided_cross_attention`` is that computation on projected heads. ``hand_record`` is for models whose top-level
-forward does not pass its attention kwargs down to the blocks (Wan, LTX-Video): a second forward pre-hook, run after
-``guided.pre_hook``, takes the ``NAGForward`` record out of the attention kwargs and sets it on the NAG processors of
-the model's cross-attention modules (attribute ``record``; ``None`` on every other forward).
+``guided_cross_attention`` is that computation on projected heads; ``is_guided_call`` tells a guided call from a
+plain one. (Models whose forward does not pass its attention kwargs down, Wan and LTX-Video, get the record per
+thread: ``call_state.record()``.)
 """
 
 from __future__ import annotations
@@ -19,11 +18,6 @@ import torch
 
 from .guided import NAGForward
 from .split_attention import combine
-
-RECORD_HOOK = "_nag_record_hook"
-CROSS_MODULES = "_nag_cross_modules"
-ON_RECORD = "_nag_on_record"
-
 
 def guided_cross_attention(attend, query, key, value, nag: NAGForward, mask_pos=None, mask_neg=None) -> torch.Tensor:
     """NAG-combined cross-attention of shared queries over each branch's text.
@@ -55,58 +49,3 @@ def is_guided_call(nag, hidden_states, encoder_hidden_states) -> bool:
         and encoder_hidden_states is not None
         and encoder_hidden_states.shape[0] > hidden_states.shape[0]
     )
-
-
-def _hand_record(module, args, kwargs):
-    """Forward pre-hook: move ``attention_kwargs["nag"]`` (set by ``guided.pre_hook``) onto the processors."""
-    name = module._nag_state.family.attention_kwargs
-    extra = kwargs.get(name)
-    record = None
-    if extra and "nag" in extra:
-        extra = dict(extra)
-        record = extra.pop("nag")
-        kwargs = {**kwargs, name: extra or None}
-    for attention in getattr(module, CROSS_MODULES):
-        if hasattr(attention.processor, "record"):
-            attention.processor.record = record
-    on_record = module.__dict__.get(ON_RECORD)
-    if on_record is not None:
-        on_record(module, record)
-    return args, kwargs
-
-
-def hand_record(model: torch.nn.Module, cross_modules, on_record=None) -> None:
-    """Install ``_hand_record`` on ``model`` for its cross-attention modules (``restore_record`` undoes it);
-    ``on_record(model, record_or_None)`` is called on every forward after the processors got the record."""
-    model.__dict__[CROSS_MODULES] = tuple(cross_modules)
-    if on_record is not None:
-        model.__dict__[ON_RECORD] = on_record
-    model.__dict__[RECORD_HOOK] = model.register_forward_pre_hook(_hand_record, with_kwargs=True)
-
-
-def restore_record(model: torch.nn.Module) -> None:
-    model.__dict__.pop(ON_RECORD, None)
-    handle = model.__dict__.pop(RECORD_HOOK, None)
-    if handle is not None:
-        handle.remove()
-    for attention in model.__dict__.pop(CROSS_MODULES, ()):
-        if hasattr(attention.processor, "record"):
-            attention.processor.record = None
-
-
-def register_unsupported(name: str, model_cls: type, pipelines: dict, needs: str) -> None:
-    """Register ``model_cls`` with a family whose ``apply_nag`` says which newer diffusers it needs (for releases
-    that have the model but not the attention API this integration wraps)."""
-    from .family import Family
-    from .pipeline import PromptAdapter
-    from .registry import register_family
-
-    def refuse(model):
-        raise RuntimeError(f"NAG on {name} needs a newer diffusers: this release lacks {needs}; pip install -U diffusers")
-
-    register_family(Family(
-        name=name, models=(model_cls,), token_order="cross_attention", acts_in="(unsupported on this diffusers)",
-        patch=refuse, restore=lambda *a: None, prompts=PromptAdapter(prompts={"nag_negative_prompt": "prompt"},
-                                                                     embeds={}),
-        pipelines=pipelines,
-    ))

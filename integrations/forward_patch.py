@@ -69,10 +69,12 @@ def parameter_names(fn) -> tuple[str, ...]:
     return tuple(name for name in inspect.signature(fn).parameters if name != "self")
 
 
-def patch_forward(module: torch.nn.Module, fn: Callable, patched: list, **settings) -> None:
+def patch_forward(module: torch.nn.Module, fn: Callable, patched: list, **settings) -> tuple[str, ...]:
     """``patch`` that also records the parameter names of the ``forward`` that ``fn`` will call (attribute
-    ``_nag_names``, for ``fn`` to read positional arguments by name) and appends ``(module, fn)`` to ``patched``."""
+    ``_nag_names``, for ``fn`` to read positional arguments by name) and appends ``(module, fn)`` to ``patched``;
+    returns the names of the attributes it set (for ``unpatch``)."""
     if not is_patched(module):  # else ours is still in its chain, with its names (see unpatch)
         settings["_nag_names"] = parameter_names(module.forward)
     patch(module, fn, **settings)
     patched.append((module, fn))
+    return ("_nag_names", *(name for name in settings if name != "_nag_names"))

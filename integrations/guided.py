@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 
+from . import call_state
 from .config import NAGConfig
 
 STATE_ATTR = "_nag_state"
@@ -60,16 +61,22 @@ class NAGForward:
 
 @dataclasses.dataclass
 class NAGState:
-    """What ``apply_nag`` left on a model (attribute ``_nag_state``): the settings, what to undo, and the settings of
-    the pipeline call in progress (``call_config``, ``None`` outside a pipeline call)."""
+    """What ``apply_nag`` left on a model (attribute ``_nag_state``): what was patched, and the settings of direct
+    calls of the model. Nothing per call: a pipeline call's settings and a forward's record are per thread
+    (``call_state``), since requests share the model."""
 
     family: object  # the model's Family
-    config: NAGConfig
-    processors: dict  # attention module name -> the processor it had before apply_nag
-    patched: list  # (module, function) pairs whose forward forward_patch.patch replaced
+    config: NAGConfig  # the settings of a direct call of the model (a pipeline call brings its own)
+    installed: object  # install.Installed: what to undo
     pre_hook: torch.utils.hooks.RemovableHandle | None = None
     names: tuple[str, ...] = ()  # the model's forward parameters, in order
-    call_config: NAGConfig | None = None
+    post_hook: torch.utils.hooks.RemovableHandle | None = None
+    owners: object = None  # weakref.WeakSet of the pipelines that applied NAG to this model
+    direct: bool = False  # apply_nag was called on the model itself
+
+    @property
+    def processors(self) -> dict:
+        return self.installed.processors
 
 
 def state_of(model: torch.nn.Module) -> NAGState | None:
@@ -145,7 +152,9 @@ def pre_hook(module, args, kwargs):
     overrides = {CALL_KEYS[key]: extra.pop(key) for key in list(extra) if key in CALL_KEYS}
     if extra_name and (extra_name in kw or overrides):
         kw[extra_name] = extra
-    config = (state.call_config or state.config).replace(**overrides)
+    config = (call_state.call_config() or state.config).replace(**overrides)
+    if not family.passes_attention_kwargs:
+        call_state.set_record(None)  # until this forward proves guided (deliver)
 
     batch = rows(kw[family.latents])
     text = kw.get(family.text)
@@ -176,6 +185,11 @@ def pre_hook(module, args, kwargs):
     record = NAGForward.of(batch, family.text_len(text), config)
     family.deliver(kw, extra, record)
     return (), kw
+
+
+def post_hook(module, args, kwargs, output):
+    """The forward hook of a model whose record travels per thread: the forward is over, its record with it."""
+    call_state.set_record(None)
 
 
 def _batched_cfg(family, config: NAGConfig, kw: dict, extra: dict, batch: int, guided: int):

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
 import warnings
 
 import torch
 
+from . import call_state
 from .guided import state_of
 from .registry import family_for_pipeline
 
 SETTINGS = ("nag_scale", "nag_tau", "nag_alpha", "nag_end")
+PIPELINE_CONFIG = "_nag_config"  # a patched pipeline's own settings (apply_nag's), in its __dict__
 
 _CLASSES: dict[type, type] = {}
+_CLASSES_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +97,7 @@ class PromptAdapter:
         kwargs = {key: encode_args[key] for key in self.forwarded if key in encode_args}
         for name, argument in self.prompts.items():
             default = "" if name == next(iter(self.prompts)) else None
-            kwargs[argument] = _per_prompt(name, negatives.get(name, default) or default, prompts)
+            kwargs[argument] = per_prompt(name, negatives.get(name, default) or default, prompts)
         kwargs.update(self.negative_kwargs)
         encoded = encode(**kwargs)
         return {index: encoded[index] for index in self.per_branch}
@@ -114,7 +118,8 @@ class PromptAdapter:
         return type(result)(out) if isinstance(result, tuple) else out
 
 
-def _per_prompt(name: str, value, prompts: int):
+def per_prompt(name: str, value, prompts: int):
+    """``value`` (one NAG-negative string or a list) as one string per prompt."""
     if value is None:
         return None
     values = [value] if isinstance(value, str) else list(value)
@@ -157,8 +162,13 @@ def unpatch(pipe) -> None:
 
 
 def _nag_class(base: type) -> type:
-    if base in _CLASSES:
+    with _CLASSES_LOCK:  # pipelines of one class patched from several threads get one subclass
+        if base not in _CLASSES:
+            _CLASSES[base] = _make_nag_class(base)
         return _CLASSES[base]
+
+
+def _make_nag_class(base: type) -> type:
     family = family_for_pipeline(base.__name__)
     names = (*family.prompts.names, *SETTINGS)
 
@@ -175,8 +185,7 @@ def _nag_class(base: type) -> type:
         "stock call.\n\n" + (base.__call__.__doc__ or "")
     )
     namespace = {"__call__": __call__, "__module__": base.__module__, "__qualname__": base.__qualname__}
-    _CLASSES[base] = type(base.__name__, (base,), namespace)
-    return _CLASSES[base]
+    return type(base.__name__, (base,), namespace)
 
 
 def _guided_models(pipe, family) -> list:
@@ -200,7 +209,8 @@ def _call(pipe, base: type, family, args, kwargs, nag: dict):
         return base.__call__(pipe, *args, **kwargs)
     models = _guided_models(pipe, family)
     settings = {key[len("nag_"):]: nag.get(key) for key in SETTINGS}
-    config = state_of(models[0]).config.replace(**settings)
+    defaults = pipe.__dict__.get(PIPELINE_CONFIG) or state_of(models[0]).config
+    config = defaults.replace(**settings)
     adapter = family.prompts
     negatives = {name: nag.get(name) for name in adapter.names}
     adapter.check(negatives)
@@ -225,10 +235,9 @@ def _call(pipe, base: type, family, args, kwargs, nag: dict):
     pipe.__dict__["encode_prompt"] = encode_prompt
     for name, make in adapter.call_patches:
         pipe.__dict__[name] = make(getattr(pipe, name))
-    for model in models:
-        state_of(model).call_config = config
     try:
-        out = base.__call__(pipe, *args, **kwargs)
+        with call_state.pipeline_call(config):
+            out = base.__call__(pipe, *args, **kwargs)
         if not done:
             warnings.warn(
                 f"NAG did not act in this {type(pipe).__name__} call: the pipeline never encoded the call's own "
@@ -239,8 +248,6 @@ def _call(pipe, base: type, family, args, kwargs, nag: dict):
             )
         return out
     finally:
-        for model in models:
-            state_of(model).call_config = None
         pipe.__dict__.pop("encode_prompt", None)
         for name, _ in adapter.call_patches:
             pipe.__dict__.pop(name, None)

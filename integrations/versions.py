@@ -7,6 +7,7 @@ allowed with a warning, since a minor release may change a processor's signature
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 
@@ -37,3 +38,12 @@ def check(version: str) -> None:
             f"{version}; NAG may fail if this release changed the attention processors it wraps",
             stacklevel=3,
         )
+
+
+def optional(module: str, name: str):
+    """``name`` from the diffusers module ``module``, or ``None`` on a release that lacks it: for the parts of a
+    family that newer releases add (a family whose core classes are missing is not loaded at all: families/)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None

@@ -16,6 +16,7 @@ from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPi
 import sd3_reference
 import sd3_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
+from nag_kernels.integrations import call_state
 from nag_kernels.integrations import apply_nag, remove_nag
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -154,5 +155,5 @@ def test_bad_input_gets_clear_errors_and_the_pipeline_stays_usable():
     for nag, message in bad:
         with pytest.raises(ValueError, match=message):
             pipe("a red cat", **nag, **kw)
-        assert "encode_prompt" not in pipe.__dict__ and pipe.transformer._nag_state.call_config is None
+        assert "encode_prompt" not in pipe.__dict__ and call_state.call_config() is None
     assert torch.equal(pipe("a red cat", nag_negative_prompt="blurry", **kw).images, expected)

@@ -11,7 +11,7 @@ import sd3_reference
 import sd3_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
-from nag_kernels.integrations import sd3
+from nag_kernels.integrations import modulation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -122,7 +122,7 @@ def test_remove_restores_the_model_exactly_and_apply_does_not_stack():
     apply_nag(model, nag_scale=3.0, backend="torch")
     assert all(type(p.inner) is JointAttnProcessor2_0 for p in model.attn_processors.values())
     assert len(model._forward_pre_hooks) == 1
-    assert model.transformer_blocks[0].norm1_context.forward.__func__ is sd3._text_rows_forward
+    assert model.transformer_blocks[0].norm1_context.forward.__func__ is modulation.text_rows_forward
     torch.testing.assert_close(run(model, kw), reference(model, kw, nag_scale=3.0), rtol=0, atol=1e-10)
     remove_nag(model)
     assert model.attn_processors == processors

@@ -14,6 +14,7 @@ from diffusers import WanPipeline
 
 import wan_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
+from nag_kernels.integrations import call_state
 from nag_kernels.integrations import apply_nag, remove_nag
 from test_wan_transformer import authors_model
 
@@ -154,5 +155,5 @@ def test_bad_input_gets_clear_errors_and_the_pipeline_stays_usable():
     for nag, message in bad:
         with pytest.raises(ValueError, match=message):
             frames(pipe, "a red cat", **nag, **kw)
-        assert "encode_prompt" not in pipe.__dict__ and pipe.transformer._nag_state.call_config is None
+        assert "encode_prompt" not in pipe.__dict__ and call_state.call_config() is None
     assert torch.equal(frames(pipe, "a red cat", nag_negative_prompt="blurry", **kw), expected)

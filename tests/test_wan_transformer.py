@@ -184,11 +184,11 @@ def test_remove_restores_the_model_exactly_and_apply_does_not_stack():
     apply_nag(model, backend="torch")
     apply_nag(model, nag_scale=3.0, backend="torch")
     assert all(type(p.inner) is WanAttnProcessor for p in model.attn_processors.values())
-    assert len(model._forward_pre_hooks) == 2  # guided.pre_hook and the record hand-off
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1  # guided.pre_hook, post_hook
     torch.testing.assert_close(run(model, kw), run(ref, kw), rtol=0, atol=1e-10)
     remove_nag(model)
     assert model.attn_processors == processors
-    assert not model._forward_pre_hooks
+    assert not model._forward_pre_hooks and not model._forward_hooks
     assert not any(any(k.startswith("_nag") for k in m.__dict__) for m in model.modules())
     assert torch.equal(run(model, positive(kw)), before)
     with pytest.raises(RuntimeError):
@@ -248,16 +248,38 @@ def test_triton_backend_through_the_interpreter():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_diffusers_without_the_attention_api_gets_a_clear_error():
-    # What wan.py / ltx.py register when diffusers has the model class but not the attention API they wrap.
-    from nag_kernels.integrations import cross_attention, registry
+def test_a_family_this_diffusers_cannot_load_is_named_in_the_error():
+    # What families.load_all records when a family module's diffusers imports fail on an older release.
+    from nag_kernels.integrations import registry
 
     class OldWan(torch.nn.Module):
         pass
 
-    cross_attention.register_unsupported("Wan", OldWan, {}, "WanAttention / WanAttnProcessor")
+    registry.register_unavailable("Wan 2.1 / 2.2", "cannot import name 'WanAttention'")
     try:
-        with pytest.raises(RuntimeError, match="NAG on Wan needs a newer diffusers: this release lacks WanAttention"):
+        with pytest.raises(TypeError, match=r"Wan 2.1 / 2.2 needs a newer diffusers \(cannot import name 'WanAttention'"):
             apply_nag(OldWan())
     finally:
-        registry._FAMILIES.pop(OldWan)
+        registry._UNAVAILABLE.pop("Wan 2.1 / 2.2")
+
+
+def test_the_family_loader_skips_what_diffusers_lacks_and_raises_everything_else(monkeypatch):
+    from nag_kernels.integrations import families, registry
+
+    def missing_in_diffusers(name):
+        raise ImportError("cannot import name 'X'", name="diffusers.models.transformers.transformer_x")
+
+    monkeypatch.setattr(families, "FAMILIES", {"x": "Family X"})
+    monkeypatch.setattr(families.importlib, "import_module", missing_in_diffusers)
+    try:
+        families.load_all()
+        assert "Family X" in registry.unavailable()
+    finally:
+        registry._UNAVAILABLE.pop("Family X", None)
+
+    def broken(name):
+        raise ImportError("a bug in the family module", name="nag_kernels.integrations.families.x")
+
+    monkeypatch.setattr(families.importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="a bug in the family module"):
+        families.load_all()

@@ -6,7 +6,7 @@ and this shared-image-stream computation is exactly the authors' layout (both na
 
 In a guided forward (``B`` latent rows; ``encoder_hidden_states`` and, when given, ``attention_mask`` ``2B`` rows):
 
-- ``sd3._text_rows_forward`` replaces each double block's ``norm1_context`` ``forward``: the text stream's ``2B`` rows
+- ``modulation.text_rows_forward`` replaces each double block's ``norm1_context`` ``forward``: the text stream's ``2B`` rows
   share the ``B`` rows of modulation.
 - ``NAGChromaAttnProcessor`` (FLUX.1's processor, plus masks) in the double blocks: image Q/K/V once, text queries per
   branch with the branch's rows of the block's mask, image queries split into the image keys (once) and each
@@ -21,24 +21,18 @@ In a guided forward (``B`` latent rows; ``encoder_hidden_states`` and, when give
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_chroma import ChromaTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .. import forward_patch
-from ..family import Family
+from ..family import Family, ForwardPatch
+from ..guided import as_kwargs
+from ..modulation import text_rows_forward
+from ..pipeline import PromptAdapter
+from ..registry import register_family
+from ..split_attention import branch_join, combine, heads, image_attention
 from .flux import NAGFluxAttnProcessor
 from .flux_fast import qkv, rope, split_rope
-from ..forward_patch import patch_forward
-from ..guided import as_kwargs
-from ..pipeline import PromptAdapter
-from ..processor import check_processors, restore_processors, wrap_processors
-from ..registry import register_family
-from .sd3 import _text_rows_forward
-from ..split_attention import branch_join, combine, heads, image_attention
-
-try:
-    from diffusers.models.transformers.transformer_chroma import ChromaTransformer2DModel
-    from diffusers.models.transformers.transformer_flux import FluxAttention
-except ImportError:  # pragma: no cover - depends on the diffusers release
-    ChromaTransformer2DModel = None
 
 PIPELINES = {"ChromaPipeline": {}, "ChromaImg2ImgPipeline": {}, "ChromaInpaintPipeline": {}}
 
@@ -126,9 +120,7 @@ def _single_forward(self, *args, **kwargs):
     nag = _nag_record(kw)
     if nag is None:
         return forward_patch.call_previous(self, **kw)
-    processor = self.attn.processor
-    if not isinstance(processor, NAGChromaAttnProcessor):
-        check_processors(self, FluxAttention, NAGChromaAttnProcessor)  # raises, naming the module
+    processor = self.attn.processor  # NAG's: checked before the guided forward (Family.check_guided)
     h, temb, text_len = kw["hidden_states"], kw["temb"], nag.text_len
     batch = h.shape[0]
     text = torch.cat([h[:, :text_len], h[:, text_len : 2 * text_len]])  # [2B, T, C]
@@ -151,38 +143,17 @@ def _single_forward(self, *args, **kwargs):
     return torch.cat([text[:batch], text[batch:], finish(image, image_n, image_attn, image_gate)], dim=1)
 
 
-SETTINGS = {_text_rows_forward: ("_nag_names", "_nag_emb"), _double_forward: ("_nag_names",),
-            _single_forward: ("_nag_names",)}
+def _text_norms(model):
+    return [(block.norm1_context, {"_nag_emb": "emb"}) for block in model.transformer_blocks]
 
 
-def patch(model):
-    processors = wrap_processors(model, FluxAttention, NAGChromaAttnProcessor)
-    patched: list = []
-    try:
-        for block in model.transformer_blocks:
-            patch_forward(block.norm1_context, _text_rows_forward, patched, _nag_emb="emb")
-        if len(model.transformer_blocks):
-            patch_forward(model.transformer_blocks[-1], _double_forward, patched)
-        for block in model.single_transformer_blocks:
-            patch_forward(block, _single_forward, patched)
-    except BaseException:
-        restore(model, processors, patched)
-        raise
-    return processors, patched
-
-
-def restore(model, processors: dict, patched: list) -> None:
-    restore_processors(model, FluxAttention, NAGChromaAttnProcessor, processors)
-    for module, fn in reversed(patched):
-        forward_patch.unpatch(module, fn, SETTINGS[fn])
+def _last_double(model):
+    return list(model.transformer_blocks)[-1:]
 
 
 def _check(model, kw: dict, batch: int) -> None:
     if not len(model.transformer_blocks):
         raise ValueError("NAG on Chroma needs at least one double block")
-    for block in (*model.transformer_blocks, *model.single_transformer_blocks):
-        if not isinstance(block.attn.processor, NAGChromaAttnProcessor):
-            check_processors(model, FluxAttention, NAGChromaAttnProcessor)  # raises, naming the module
 
 
 def _rows_of_the_mask(original):
@@ -197,25 +168,28 @@ def _rows_of_the_mask(original):
     return prepare
 
 
-if ChromaTransformer2DModel is not None:
-    CHROMA = Family(
-        name="Chroma",
-        models=(ChromaTransformer2DModel,),
-        token_order="text_first",
-        acts_in="the joint attention of the double- and single-stream blocks (image outputs), image stream shared",
-        patch=patch,
-        restore=restore,
-        prompts=PromptAdapter(
-            prompts={"nag_negative_prompt": "prompt"},
-            embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_attention_mask": 2},
-            per_branch=(0, 2),
-            negative_kwargs=(("do_classifier_free_guidance", False),),
-            call_patches=(("_prepare_attention_mask", _rows_of_the_mask),),
-        ),
-        pipelines=PIPELINES,
-        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "fast"},
-        per_branch=("attention_mask",),
-        timestep_scale=1000.0,
-        check=_check,
-    )
-    register_family(CHROMA)
+CHROMA = Family(
+    name="Chroma",
+    models=(ChromaTransformer2DModel,),
+    token_order="text_first",
+    acts_in="the joint attention of the double- and single-stream blocks (image outputs), image stream shared",
+    processors={FluxAttention: NAGChromaAttnProcessor},
+    forward_patches=(
+        ForwardPatch(text_rows_forward, _text_norms),
+        ForwardPatch(_double_forward, _last_double),
+        ForwardPatch(_single_forward, lambda model: model.single_transformer_blocks),
+    ),
+    prompts=PromptAdapter(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_attention_mask": 2},
+        per_branch=(0, 2),
+        negative_kwargs=(("do_classifier_free_guidance", False),),
+        call_patches=(("_prepare_attention_mask", _rows_of_the_mask),),
+    ),
+    pipelines=PIPELINES,
+    defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "fast"},
+    per_branch=("attention_mask",),
+    timestep_scale=1000.0,
+    check=_check,
+)
+register_family(CHROMA)

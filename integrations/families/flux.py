@@ -5,7 +5,7 @@ How one guided forward runs (``B`` image rows, ``2B`` text rows = positive then 
 checks the batches, expands ``timestep``/``guidance`` to ``2B`` and passes a ``NAGForward`` record to the processors
 through ``joint_attention_kwargs["nag"]``):
 
-- ``_positive_rows_forward`` replaces the ``forward`` of each double block's ``norm1`` and of ``norm_out``: it
+- ``modulation.positive_rows_forward`` replaces the ``forward`` of each double block's ``norm1`` and of ``norm_out``: it
   modulates the ``B``-row image stream with the positive rows of the ``2B``-row ``temb``.
 - ``NAGFluxAttnProcessor`` wraps each stock ``FluxAttnProcessor``. Double blocks (both modes): image Q/K/V are
   computed once at ``B`` rows and shared by both branches; text queries attend per branch over ``[text_b ; image]``
@@ -39,16 +39,15 @@ from diffusers.models.transformers.transformer_flux import (
     _get_qkv_projections,
 )
 
-from .. import forward_patch
-from ..family import Family
-from .flux_fast import fast_single_block, qkv, rope, split_rope
-from ..guided import STATE_ATTR, NAGForward, as_kwargs
+from .. import forward_patch, parallel
+from ..family import Family, ForwardPatch
+from ..guided import NAGForward, as_kwargs
+from ..modulation import positive_rows_forward
 from ..pipeline import PromptAdapter
-from ..forward_patch import patch_forward
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import NAGProcessor
 from ..registry import register_family
-from .. import parallel
 from ..split_attention import branch_join, heads
+from .flux_fast import fast_single_block, qkv, rope, split_rope
 
 # Supported pipelines -> the recommended settings that differ from the family's there.
 PIPELINES = {
@@ -150,17 +149,6 @@ class NAGFluxAttnProcessor(NAGProcessor):
 
 
 
-def _positive_rows_forward(self, *args, **kwargs):
-    """``forward`` of the image stream's AdaLN (each double block's ``norm1``, and ``norm_out``): when the
-    conditioning (argument ``self._nag_emb``) has twice the rows of ``x`` (a guided forward), use the first half (the
-    positive rows). Stock code would fail on that shape, so plain forwards are untouched."""
-    kw = as_kwargs(self._nag_names, args, kwargs)
-    x, emb = kw["x"], kw.get(self._nag_emb)
-    if emb is not None and emb.shape[0] == 2 * x.shape[0]:
-        kw[self._nag_emb] = emb[: x.shape[0]]
-    return forward_patch.call_previous(self, **kw)
-
-
 def _single_block_forward(self, *args, **kwargs):
     """``forward`` of every single block in a guided forward. Exact mode: the first block (the one that receives the
     ``B`` image rows) tiles them to ``2B``, the last one (``self._nag_last``) keeps the positive half. Fast mode: the
@@ -197,42 +185,19 @@ def _single_block_forward(self, *args, **kwargs):
     return text, image
 
 
-# The attributes forward_patch.patch_forward sets for the two functions above (removed again by remove_nag).
-SETTINGS = {_positive_rows_forward: ("_nag_names", "_nag_emb"), _single_block_forward: ("_nag_names", "_nag_last")}
+def _norms(model):
+    return [*((block.norm1, {"_nag_emb": "emb"}) for block in model.transformer_blocks),
+            (model.norm_out, {"_nag_emb": "conditioning_embedding"})]
 
 
-def patch(model: FluxTransformer2DModel):
-    """Install NAG's processors and forward patches on ``model``; returns what ``restore`` needs."""
-    processors = wrap_processors(model, FluxAttention, NAGFluxAttnProcessor)
-    patched: list = []
-    try:
-        for block in model.transformer_blocks:
-            patch_forward(block.norm1, _positive_rows_forward, patched, _nag_emb="emb")
-        patch_forward(model.norm_out, _positive_rows_forward, patched, _nag_emb="conditioning_embedding")
-        singles = list(model.single_transformer_blocks)
-        for index, block in enumerate(singles):  # every one: fast mode replaces each block's computation
-            patch_forward(block, _single_block_forward, patched, _nag_last=index == len(singles) - 1)
-    except BaseException:
-        restore(model, processors, patched)
-        raise
-    return processors, patched
-
-
-def restore(model: FluxTransformer2DModel, processors: dict, patched: list) -> None:
-    restore_processors(model, FluxAttention, NAGFluxAttnProcessor, processors)
-    for module, fn in reversed(patched):
-        # False when another library wrapped the module after apply_nag: ours then stays inside its chain as a
-        # pass-through (it acts only on a guided forward), and a later apply_nag reuses it.
-        forward_patch.unpatch(module, fn, SETTINGS[fn])
+def _single_blocks(model):
+    singles = list(model.single_transformer_blocks)  # every one: fast mode replaces each block's computation
+    return [(block, {"_nag_last": index == len(singles) - 1}) for index, block in enumerate(singles)]
 
 
 def _check(model: FluxTransformer2DModel, kw: dict, batch: int) -> None:
     if kw.get("pooled_projections") is None:
         raise ValueError(f"pooled_projections must have batch {2 * batch} like encoder_hidden_states, got None")
-    for blocks in (model.transformer_blocks, model.single_transformer_blocks):
-        for block in blocks:
-            if not isinstance(block.attn.processor, NAGFluxAttnProcessor):
-                check_processors(model, FluxAttention, NAGFluxAttnProcessor)  # raises, naming the module
 
 
 FLUX = Family(
@@ -240,8 +205,8 @@ FLUX = Family(
     models=(FluxTransformer2DModel,),
     token_order="text_first",
     acts_in="the joint attention of the double-stream blocks (image outputs) and of the single-stream blocks",
-    patch=patch,
-    restore=restore,
+    processors={FluxAttention: NAGFluxAttnProcessor},
+    forward_patches=(ForwardPatch(positive_rows_forward, _norms), ForwardPatch(_single_block_forward, _single_blocks)),
     prompts=PromptAdapter(
         prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2"},
         embeds={"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 1},

@@ -30,27 +30,23 @@ Plain forwards (no ``nag`` record) go to the wrapped stock processors. No ``forw
 from __future__ import annotations
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2Attention,
+    Flux2AttnProcessor,
+    Flux2ParallelSelfAttention,
+    Flux2ParallelSelfAttnProcessor,
+    Flux2Transformer2DModel,
+    _get_qkv_projections,
+)
 
+from .. import parallel
 from ..family import Family
 from ..guided import NAGForward
 from ..pipeline import PromptAdapter
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import NAGProcessor
 from ..registry import register_family
-from .. import parallel
 from ..split_attention import branch_join, combine, heads
-
-try:  # FLUX.2 arrived in diffusers 0.36; on older releases this family is not registered
-    from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux2 import (
-        Flux2Attention,
-        Flux2AttnProcessor,
-        Flux2ParallelSelfAttention,
-        Flux2ParallelSelfAttnProcessor,
-        Flux2Transformer2DModel,
-        _get_qkv_projections,
-    )
-except ImportError:  # pragma: no cover - depends on the installed diffusers
-    Flux2Transformer2DModel = None
 
 # Supported pipelines -> the recommended settings that differ from the family's there.
 PIPELINES = {"Flux2Pipeline": {}, "Flux2KleinPipeline": {}, "Flux2KleinInpaintPipeline": {}}
@@ -129,7 +125,7 @@ class _Flux2Processor(NAGProcessor):
 class NAGFlux2AttnProcessor(_Flux2Processor):
     """``Flux2AttnProcessor`` (double-stream blocks) with NAG; plain calls go to the wrapped stock processor."""
 
-    stock = Flux2AttnProcessor if Flux2Transformer2DModel is not None else type(None)
+    stock = Flux2AttnProcessor
 
     def __call__(
         self,
@@ -155,7 +151,7 @@ class NAGFlux2AttnProcessor(_Flux2Processor):
 class NAGFlux2ParallelSelfAttnProcessor(_Flux2Processor):
     """``Flux2ParallelSelfAttnProcessor`` (single-stream blocks, attention fused with the MLP) with NAG."""
 
-    stock = Flux2ParallelSelfAttnProcessor if Flux2Transformer2DModel is not None else type(None)
+    stock = Flux2ParallelSelfAttnProcessor
 
     def __call__(
         self,
@@ -183,18 +179,6 @@ class NAGFlux2ParallelSelfAttnProcessor(_Flux2Processor):
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-def patch(model):
-    """Wrap the stock processors of both block kinds; no forward is replaced."""
-    processors = wrap_processors(model, Flux2Attention, NAGFlux2AttnProcessor)
-    processors.update(wrap_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor))
-    return processors, []
-
-
-def restore(model, processors: dict, patched: list) -> None:
-    restore_processors(model, Flux2Attention, NAGFlux2AttnProcessor, processors)
-    restore_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor, processors)
-
-
 def _check(model, kw: dict, batch: int) -> None:
     if kw.get("kv_cache") is not None or kw.get("kv_cache_mode") is not None:
         raise NotImplementedError(
@@ -209,8 +193,6 @@ def _check(model, kw: dict, batch: int) -> None:
                 "FLUX.2 [klein]'s KV-cache processors. Use Flux2KleinPipeline, or set the stock processors "
                 "(Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor) and call apply_nag again"
             )
-    check_processors(model, Flux2Attention, NAGFlux2AttnProcessor)
-    check_processors(model, Flux2ParallelSelfAttention, NAGFlux2ParallelSelfAttnProcessor)
 
 
 class Flux2Prompts(PromptAdapter):
@@ -241,24 +223,23 @@ class Flux2Family(Family):
         super().deliver(kw, extra, record)
 
 
-if Flux2Transformer2DModel is not None:
-    FLUX2 = Flux2Family(
-        name="FLUX.2",
-        models=(Flux2Transformer2DModel,),
-        token_order="text_first",
-        acts_in="the joint attention of the double-stream and the fused single-stream blocks (image outputs), the "
-        "image stream shared by both branches (exact: the modulation does not depend on the text)",
-        patch=patch,
-        restore=restore,
-        prompts=Flux2Prompts(
-            prompts={"nag_negative_prompt": "prompt"},
-            embeds={"nag_negative_prompt_embeds": 0},
-            per_branch=(0,),
-            forwarded=("device", "num_images_per_prompt", "max_sequence_length", "text_encoder_out_layers"),
-        ),
-        pipelines=PIPELINES,
-        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
-        timestep_scale=1000.0,
-        check=_check,
-    )
-    register_family(FLUX2)
+FLUX2 = Flux2Family(
+    name="FLUX.2",
+    models=(Flux2Transformer2DModel,),
+    token_order="text_first",
+    acts_in="the joint attention of the double-stream and the fused single-stream blocks (image outputs), the "
+    "image stream shared by both branches (exact: the modulation does not depend on the text)",
+    processors={Flux2Attention: NAGFlux2AttnProcessor,
+                Flux2ParallelSelfAttention: NAGFlux2ParallelSelfAttnProcessor},
+    prompts=Flux2Prompts(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0},
+        per_branch=(0,),
+        forwarded=("device", "num_images_per_prompt", "max_sequence_length", "text_encoder_out_layers"),
+    ),
+    pipelines=PIPELINES,
+    defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
+    timestep_scale=1000.0,
+    check=_check,
+)
+register_family(FLUX2)

@@ -12,134 +12,96 @@ the extra text rows into the sequence. In a guided forward ``_caption_forward`` 
 ``forward``, one shared function) returns the projected text of all ``L + g`` rows flattened into one sequence and
 broadcast (a stride-0 ``expand``, no copy) to the ``L`` video rows, which that ``view`` leaves as it is; the
 processor reads the rows back from it. The model's forward does not pass its attention kwargs to the blocks, so
-the record reaches the processors through ``cross_attention.hand_record``.
+the record reaches the processors per thread (``call_state.record()``, ``Family.passes_attention_kwargs``).
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_ltx import (
+    LTXAttention,
+    LTXVideoAttnProcessor,
+    LTXVideoTransformer3DModel,
+)
 
-from .. import cross_attention, forward_patch
-from ..family import Family
+from .. import call_state, cross_attention, forward_patch
+from ..family import Family, ForwardPatch
 from ..guided import as_kwargs
 from ..pipeline import PromptAdapter
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import NAGProcessor
 from ..registry import register_family
-
-try:  # diffusers releases without LTXAttention (before the attention refactor) register nothing
-    from diffusers.models.transformers.transformer_ltx import (
-        LTXAttention,
-        LTXVideoAttnProcessor,
-        LTXVideoTransformer3DModel,
-    )
-except ImportError:  # pragma: no cover - depends on the diffusers release
-    LTXAttention = None
-    try:
-        from diffusers import LTXVideoTransformer3DModel as _LTX
-    except ImportError:
-        _LTX = None
-    if _LTX is not None:
-        cross_attention.register_unsupported("LTX-Video", _LTX, {}, "LTXAttention / LTXVideoAttnProcessor")
 
 PIPELINES = {"LTXPipeline": {}, "LTXImageToVideoPipeline": {}, "LTXConditionPipeline": {}}
 DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
-ROWS = "_nag_rows"  # on the caption projection: the video rows of the guided forward in progress, else None
 
 
 def _caption_forward(self, *args, **kwargs):
     """``forward`` of the caption projection: in a guided forward, ``[L + g, T, C]`` -> ``[L, (L + g) * T, C]`` (all
     text rows as one sequence, broadcast to the ``L`` video rows); otherwise the stock forward."""
     out = forward_patch.call_previous(self, **as_kwargs(self._nag_names, args, kwargs))
-    rows = self.__dict__.get(ROWS)
-    if rows is None:
+    nag = call_state.record()  # the guided forward in progress on this thread, else None
+    if nag is None:
         return out
-    return out.reshape(1, -1, out.shape[-1]).expand(rows, -1, -1)
+    return out.reshape(1, -1, out.shape[-1]).expand(nag.batch, -1, -1)
 
 
-if LTXAttention is not None:
+class NAGLTXAttnProcessor(NAGProcessor):
+    """``LTXVideoAttnProcessor`` with NAG in cross-attention: in a guided forward (a record in
+    ``call_state.record()``, set by the model's pre-hook) the text arrives flattened by ``_caption_forward``."""
 
-    class NAGLTXAttnProcessor(NAGProcessor):
-        """``LTXVideoAttnProcessor`` with NAG in cross-attention: with a record (``record``, set by
-        ``cross_attention.hand_record`` in a guided forward) the text arrives flattened by ``_caption_forward``."""
+    stock = LTXVideoAttnProcessor
 
-        stock = LTXVideoAttnProcessor
+    def _attend(self, query, key, value, mask=None):
+        return self.attend(query, key, value, mask)
 
-        def __init__(self, inner=None):
-            super().__init__(inner)
-            self.record = None
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        nag = call_state.record()
+        if nag is None or encoder_hidden_states is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        rows = hidden_states.shape[0]
+        text = encoder_hidden_states[0].unflatten(0, (-1, nag.text_len))  # [L + g, T, C]
+        mask_pos = mask_neg = None
+        if attention_mask is not None:  # [L + g, 1, T] bias -> [L + g, heads, 1, T]
+            mask = attn.prepare_attention_mask(attention_mask, nag.text_len, text.shape[0])
+            mask = mask.view(text.shape[0], attn.heads, -1, mask.shape[-1])
+            mask_pos, mask_neg = mask[:rows], mask[rows:]
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key, value = attn.norm_k(attn.to_k(text)), attn.to_v(text)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        out = cross_attention.guided_cross_attention(self._attend, query, key, value, nag, mask_pos, mask_neg)
+        return attn.to_out[1](attn.to_out[0](out))
 
-        def _attend(self, query, key, value, mask=None):
-            return self.attend(query, key, value, mask)
+def _check(model, kw: dict, batch: int) -> None:
+    width = model.config.caption_channels
+    if kw["encoder_hidden_states"].shape[-1] != width:
+        raise ValueError(
+            f"encoder_hidden_states must have width caption_channels={width}, got {kw['encoder_hidden_states'].shape[-1]}")
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                     image_rotary_emb=None):
-            nag = self.record
-            if nag is None or encoder_hidden_states is None:
-                return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-            rows = hidden_states.shape[0]
-            text = encoder_hidden_states[0].unflatten(0, (-1, nag.text_len))  # [L + g, T, C]
-            mask_pos = mask_neg = None
-            if attention_mask is not None:  # [L + g, 1, T] bias -> [L + g, heads, 1, T]
-                mask = attn.prepare_attention_mask(attention_mask, nag.text_len, text.shape[0])
-                mask = mask.view(text.shape[0], attn.heads, -1, mask.shape[-1])
-                mask_pos, mask_neg = mask[:rows], mask[rows:]
-            query = attn.norm_q(attn.to_q(hidden_states))
-            key, value = attn.norm_k(attn.to_k(text)), attn.to_v(text)
-            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-            out = cross_attention.guided_cross_attention(self._attend, query, key, value, nag, mask_pos, mask_neg)
-            return attn.to_out[1](attn.to_out[0](out))
-
-    def _cross_modules(model):
-        return [block.attn2 for block in model.transformer_blocks]
-
-    def _set_rows(model, record) -> None:
-        model.caption_projection.__dict__[ROWS] = None if record is None else record.batch
-
-    def patch(model):
-        processors = wrap_processors(model, LTXAttention, NAGLTXAttnProcessor)
-        patched: list = []
-        forward_patch.patch_forward(model.caption_projection, _caption_forward, patched)
-        cross_attention.hand_record(model, _cross_modules(model), _set_rows)
-        return processors, patched
-
-    def restore(model, processors, patched) -> None:
-        cross_attention.restore_record(model)
-        model.caption_projection.__dict__.pop(ROWS, None)
-        for module, fn in reversed(patched):
-            forward_patch.unpatch(module, fn, ("_nag_names",))
-        restore_processors(model, LTXAttention, NAGLTXAttnProcessor, processors)
-
-    def _check(model, kw: dict, batch: int) -> None:
-        for module in _cross_modules(model):
-            if not isinstance(module.processor, NAGLTXAttnProcessor):
-                check_processors(model, LTXAttention, NAGLTXAttnProcessor)  # raises, naming the module
-        width = model.config.caption_channels
-        if kw["encoder_hidden_states"].shape[-1] != width:
-            raise ValueError(
-                f"encoder_hidden_states must have width caption_channels={width}, got {kw['encoder_hidden_states'].shape[-1]}")
-
-    LTX = Family(
-        name="LTX-Video",
-        models=(LTXVideoTransformer3DModel,),
-        token_order="cross_attention",
-        acts_in="the text cross-attention attn2 of every block, each branch with its own text mask",
-        patch=patch,
-        restore=restore,
-        prompts=PromptAdapter(
-            prompts={"nag_negative_prompt": "prompt"},
-            embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_attention_mask": 1},
-            per_branch=(0, 1),
-            forwarded=("device", "num_videos_per_prompt", "max_sequence_length", "dtype"),
-            per_image_arg="num_videos_per_prompt",
-            negative_kwargs=(("do_classifier_free_guidance", False),),
-        ),
-        pipelines=PIPELINES,
-        defaults=DEFAULTS,
-        per_branch=("encoder_attention_mask",),
-        attention_kwargs="attention_kwargs",
-        modes=("exact",),
-        batched_cfg=True,
-        check=_check,
-        timestep_value=torch.amax,  # LTXConditionPipeline's per-token timesteps: the noisiest token
-    )
-    register_family(LTX)
+LTX = Family(
+    name="LTX-Video",
+    models=(LTXVideoTransformer3DModel,),
+    token_order="cross_attention",
+    acts_in="the text cross-attention attn2 of every block, each branch with its own text mask",
+    processors={LTXAttention: NAGLTXAttnProcessor},
+    forward_patches=(ForwardPatch(_caption_forward, lambda model: (model.caption_projection,)),),
+    guided_attention=lambda name, module: name.endswith("attn2"),  # the text cross-attention
+    prompts=PromptAdapter(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_attention_mask": 1},
+        per_branch=(0, 1),
+        forwarded=("device", "num_videos_per_prompt", "max_sequence_length", "dtype"),
+        per_image_arg="num_videos_per_prompt",
+        negative_kwargs=(("do_classifier_free_guidance", False),),
+    ),
+    pipelines=PIPELINES,
+    defaults=DEFAULTS,
+    per_branch=("encoder_attention_mask",),
+    attention_kwargs="attention_kwargs",
+    passes_attention_kwargs=False,
+    modes=("exact",),
+    batched_cfg=True,
+    check=_check,
+    timestep_value=torch.amax,  # LTXConditionPipeline's per-token timesteps: the noisiest token
+)
+register_family(LTX)

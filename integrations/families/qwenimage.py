@@ -18,27 +18,21 @@ Plain forwards (no ``nag`` record) are the stock computation.
 
 from __future__ import annotations
 
-import types
-
 import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    QwenImageTransformer2DModel,
+    QwenImageTransformerBlock,
+    apply_rotary_emb_qwen,
+)
 
-from ..family import Family
+from ..family import Family, MethodPatch
+from ..modulation import extend_rows
 from ..pipeline import PromptAdapter
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import NAGProcessor
 from ..registry import register_family
-from .sd3 import extend_rows
 from ..split_attention import branch_join, combine, heads, image_attention
-
-try:
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.transformers.transformer_qwenimage import (
-        QwenDoubleStreamAttnProcessor2_0,
-        QwenImageTransformer2DModel,
-        QwenImageTransformerBlock,
-        apply_rotary_emb_qwen,
-    )
-except ImportError:  # pragma: no cover - depends on the diffusers release
-    QwenImageTransformer2DModel = None
 
 PIPELINES = {
     "QwenImagePipeline": {},
@@ -57,7 +51,7 @@ class NAGQwenAttnProcessor(NAGProcessor):
     """``QwenDoubleStreamAttnProcessor2_0`` with NAG: plain calls go to the wrapped stock processor, guided calls (a
     ``nag`` record) run NAG's joint attention. Same ``__call__`` signature plus ``nag``."""
 
-    stock = QwenDoubleStreamAttnProcessor2_0 if QwenImageTransformer2DModel is not None else type(None)
+    stock = QwenDoubleStreamAttnProcessor2_0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None, nag=None):
@@ -105,7 +99,7 @@ class NAGQwenAttnProcessor(NAGProcessor):
 
 # The stock method as a plain function: dynamo cannot trace ``QwenImageTransformerBlock._modulate`` looked up on the
 # class inside a compiled block (regional compilation); a module-level function it inlines.
-_stock_modulate = None if QwenImageTransformer2DModel is None else getattr(QwenImageTransformerBlock, "_modulate", None)
+_stock_modulate = getattr(QwenImageTransformerBlock, "_modulate", None)
 
 
 def _text_modulate(self, x, mod_params, index=None):
@@ -116,31 +110,10 @@ def _text_modulate(self, x, mod_params, index=None):
     return _stock_modulate(self, x, mod_params, index)
 
 
-def patch(model):
-    processors = wrap_processors(model, Attention, NAGQwenAttnProcessor)
-    patched = []
-    for block in model.transformer_blocks:
-        if "_modulate" not in block.__dict__:
-            block._modulate = types.MethodType(_text_modulate, block)
-            patched.append((block, _text_modulate))
-    return processors, patched
-
-
-def restore(model, processors: dict, patched: list) -> None:
-    restore_processors(model, Attention, NAGQwenAttnProcessor, processors)
-    for block, fn in patched:
-        current = block.__dict__.get("_modulate")
-        if getattr(current, "__func__", None) is fn:
-            del block.__dict__["_modulate"]
-
-
 def _check(model, kw: dict, batch: int) -> None:
     shapes = kw.get("img_shapes")
     if isinstance(shapes, (list, tuple)) and len(shapes) not in (1, batch):
         raise ValueError(f"img_shapes must have one entry per latent sample ({batch}), got {len(shapes)}")
-    for block in model.transformer_blocks:
-        if not isinstance(block.attn.processor, NAGQwenAttnProcessor):
-            check_processors(model, Attention, NAGQwenAttnProcessor)  # raises, naming the module
 
 
 class QwenPromptAdapter(PromptAdapter):
@@ -172,26 +145,25 @@ class QwenPromptAdapter(PromptAdapter):
         return type(result)(out) if isinstance(result, tuple) else out
 
 
-if QwenImageTransformer2DModel is not None:
-    QWENIMAGE = Family(
-        name="Qwen-Image",
-        models=(QwenImageTransformer2DModel,),
-        token_order="text_first",
-        acts_in="the joint attention of every double-stream block (image outputs, edit reference tokens included)",
-        patch=patch,
-        restore=restore,
-        prompts=QwenPromptAdapter(
-            prompts={"nag_negative_prompt": "prompt"},
-            embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_embeds_mask": 1},
-            per_branch=(0, 1),
-            forwarded=("device", "num_images_per_prompt", "max_sequence_length", "image"),
-        ),
-        pipelines=PIPELINES,
-        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
-        per_branch=("encoder_hidden_states_mask",),
-        timestep_scale=1000.0,
-        attention_kwargs="attention_kwargs",
-        modes=("exact",),
-        check=_check,
-    )
-    register_family(QWENIMAGE)
+QWENIMAGE = Family(
+    name="Qwen-Image",
+    models=(QwenImageTransformer2DModel,),
+    token_order="text_first",
+    acts_in="the joint attention of every double-stream block (image outputs, edit reference tokens included)",
+    processors={Attention: NAGQwenAttnProcessor},
+    method_patches=(MethodPatch("_modulate", _text_modulate, lambda model: model.transformer_blocks),),
+    prompts=QwenPromptAdapter(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_embeds_mask": 1},
+        per_branch=(0, 1),
+        forwarded=("device", "num_images_per_prompt", "max_sequence_length", "image"),
+    ),
+    pipelines=PIPELINES,
+    defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
+    per_branch=("encoder_hidden_states_mask",),
+    timestep_scale=1000.0,
+    attention_kwargs="attention_kwargs",
+    modes=("exact",),
+    check=_check,
+)
+register_family(QWENIMAGE)

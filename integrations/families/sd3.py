@@ -7,7 +7,7 @@ conditional rows, only the conditional ones guided, ``guided.NAGForward.guided``
 
 - ``SD3Family.deliver`` keeps the first ``L`` rows of ``pooled_projections``: the authors encode the NAG negative's
   pooled vector and do not use it, so ``temb`` has one row per latent row.
-- ``_text_rows_forward`` replaces the ``forward`` of each block's ``norm1_context``: text rows past ``temb``'s get
+- ``modulation.text_rows_forward`` replaces the ``forward`` of each block's ``norm1_context``: text rows past ``temb``'s get
   the conditioning of the latent row they belong to (the NAG-negative rows: the positive ones).
 - ``NAGJointAttnProcessor`` wraps each stock ``JointAttnProcessor2_0``. Guided rows: image Q/K/V once; text queries
   of each branch over ``[image ; text_b]``; image queries split into the image keys (once) and each branch's text
@@ -20,47 +20,22 @@ Plain forwards (no ``nag`` record) are the stock computation.
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from .. import forward_patch
-from ..family import Family
-from ..forward_patch import patch_forward
-from ..guided import as_kwargs, rows
+from ..family import Family, ForwardPatch
+from ..guided import rows
+from ..modulation import text_rows_forward
 from ..pipeline import PromptAdapter
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import NAGProcessor
 from ..registry import register_family
 from ..split_attention import branch_join, heads, image_attention
-
-try:
-    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
-except ImportError:  # pragma: no cover - depends on the diffusers release
-    SD3Transformer2DModel = None
 
 PIPELINES = {
     "StableDiffusion3Pipeline": {},
     "StableDiffusion3Img2ImgPipeline": {},
     "StableDiffusion3InpaintPipeline": {},
 }
-
-
-def extend_rows(emb: torch.Tensor | None, rows_needed: int) -> torch.Tensor | None:
-    """Conditioning ``[L, ...]`` for ``rows_needed = L + g`` text rows: ``emb`` followed by its last ``g`` rows (the
-    guided latent rows' conditioning, which their NAG-negative text rows share). Unchanged when the rows match."""
-    if emb is None or emb.dim() == 0 or emb.shape[0] >= rows_needed:
-        return emb
-    extra = rows_needed - emb.shape[0]
-    if extra > emb.shape[0]:
-        raise ValueError(f"{rows_needed} text rows for {emb.shape[0]} conditioning rows: at most twice as many")
-    return torch.cat([emb, emb[-extra:]])
-
-
-def _text_rows_forward(self, *args, **kwargs):
-    """``forward`` of the text stream's AdaLN (argument ``self._nag_emb`` holds the conditioning): in a guided
-    forward the text has more rows than the conditioning; extend it (``extend_rows``). Plain forwards: unchanged."""
-    kw = as_kwargs(self._nag_names, args, kwargs)
-    x = kw["x"]
-    kw[self._nag_emb] = extend_rows(kw.get(self._nag_emb), x.shape[0])
-    return forward_patch.call_previous(self, **kw)
 
 
 def joint_attention(attend, q, k, v, tq, tk, tv):
@@ -75,7 +50,7 @@ class NAGJointAttnProcessor(NAGProcessor):
     """``JointAttnProcessor2_0`` with NAG: plain calls (and SD3.5's ``attn2``, which has no text) go to the wrapped
     stock processor; guided calls (a ``nag`` record) run NAG's joint attention."""
 
-    stock = JointAttnProcessor2_0 if SD3Transformer2DModel is not None else type(None)
+    stock = JointAttnProcessor2_0
 
     @property
     def _attention_backend(self):  # the stock SD3 processor has none (it calls SDPA itself)
@@ -121,32 +96,14 @@ class NAGJointAttnProcessor(NAGProcessor):
         return image, text
 
 
-def patch(model):
-    """Install NAG's processors and forward patches on ``model``; returns what ``restore`` needs."""
-    processors = wrap_processors(model, Attention, NAGJointAttnProcessor)
-    patched: list = []
-    try:
-        for block in model.transformer_blocks:
-            name = "conditioning_embedding" if block.context_pre_only else "emb"
-            patch_forward(block.norm1_context, _text_rows_forward, patched, _nag_emb=name)
-    except BaseException:
-        restore(model, processors, patched)
-        raise
-    return processors, patched
-
-
-def restore(model, processors: dict, patched: list) -> None:
-    restore_processors(model, Attention, NAGJointAttnProcessor, processors)
-    for module, fn in reversed(patched):
-        forward_patch.unpatch(module, fn, ("_nag_names", "_nag_emb"))
+def _text_norms(model):
+    for block in model.transformer_blocks:
+        yield block.norm1_context, {"_nag_emb": "conditioning_embedding" if block.context_pre_only else "emb"}
 
 
 def _check(model, kw: dict, batch: int) -> None:
     if kw.get("pooled_projections") is None:
         raise ValueError(f"pooled_projections must have batch {2 * batch} like encoder_hidden_states, got None")
-    for block in model.transformer_blocks:
-        if not isinstance(block.attn.processor, NAGJointAttnProcessor):
-            check_processors(model, Attention, NAGJointAttnProcessor)  # raises, naming the module
 
 
 class SD3Family(Family):
@@ -160,27 +117,27 @@ class SD3Family(Family):
         super().deliver(kw, extra, record)
 
 
-if SD3Transformer2DModel is not None:
-    SD3 = SD3Family(
-        name="SD3",
-        models=(SD3Transformer2DModel,),
-        token_order="image_first",
-        acts_in="the joint attention of every block (image outputs); SD3.5's image self-attention attn2 unguided",
-        patch=patch,
-        restore=restore,
-        prompts=PromptAdapter(
-            prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2",
-                     "nag_negative_prompt_3": "prompt_3"},
-            embeds={"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 2},
-            per_branch=(0, 2),
-            forwarded=("device", "num_images_per_prompt", "max_sequence_length", "lora_scale", "clip_skip"),
-            negative_kwargs=(("do_classifier_free_guidance", False),),
-        ),
-        pipelines=PIPELINES,
-        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.125, "end": 1.0, "mode": "exact"},
-        per_branch=("pooled_projections",),
-        modes=("exact",),
-        batched_cfg=True,
-        check=_check,
-    )
-    register_family(SD3)
+SD3 = SD3Family(
+    name="SD3",
+    models=(SD3Transformer2DModel,),
+    token_order="image_first",
+    acts_in="the joint attention of every block (image outputs); SD3.5's image self-attention attn2 unguided",
+    processors={Attention: NAGJointAttnProcessor},
+    forward_patches=(ForwardPatch(text_rows_forward, _text_norms),),
+    guided_attention=lambda name, module: module.add_k_proj is not None,  # joint attention; SD3.5's attn2 unguided
+    prompts=PromptAdapter(
+        prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2",
+                 "nag_negative_prompt_3": "prompt_3"},
+        embeds={"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 2},
+        per_branch=(0, 2),
+        forwarded=("device", "num_images_per_prompt", "max_sequence_length", "lora_scale", "clip_skip"),
+        negative_kwargs=(("do_classifier_free_guidance", False),),
+    ),
+    pipelines=PIPELINES,
+    defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.125, "end": 1.0, "mode": "exact"},
+    per_branch=("pooled_projections",),
+    modes=("exact",),
+    batched_cfg=True,
+    check=_check,
+)
+register_family(SD3)

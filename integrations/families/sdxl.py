@@ -16,7 +16,6 @@ does not change the stock SDXL attention either).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -25,7 +24,7 @@ from .. import cross_attention
 from ..family import Family
 from ..guided import NAGForward
 from ..pipeline import PromptAdapter
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import NAGProcessor
 from ..registry import register_family
 
 PIPELINES = {
@@ -92,33 +91,12 @@ class NAGAttnProcessor(NAGProcessor):
         return out / attn.rescale_output_factor
 
 
-def _cross_modules(model):
-    return [m for m in model.modules() if isinstance(m, Attention) and m.is_cross_attention]
-
-
-def patch(model):
-    return wrap_processors(model, Attention, NAGAttnProcessor), []
-
-
-def restore(model, processors, patched) -> None:
-    restore_processors(model, Attention, NAGAttnProcessor, processors)
-
-
 def _check(model, kw: dict, batch: int) -> None:
-    for module in _cross_modules(model):
-        if not isinstance(module.processor, NAGAttnProcessor):
-            check_processors(model, Attention, NAGAttnProcessor)  # raises, naming the module
     width = model.config.cross_attention_dim
     text = kw["encoder_hidden_states"]
     if text.shape[-1] != width:
         raise ValueError(f"encoder_hidden_states must have width cross_attention_dim={width}, got {text.shape[-1]}")
 
-
-# The NAG negative's own encoding needs no CFG negative; older cores lack the option.
-_NO_CFG_NEGATIVE = (
-    {"negative_kwargs": (("do_classifier_free_guidance", False),)}
-    if "negative_kwargs" in PromptAdapter.__dataclass_fields__ else {}
-)
 
 SDXL = Family(
     name="SDXL",
@@ -126,14 +104,14 @@ SDXL = Family(
     token_order="cross_attention",
     acts_in="the text cross-attention attn2 of every transformer block (pooled text embeddings and time ids stay "
             "positive)",
-    patch=patch,
-    restore=restore,
+    processors={Attention: NAGAttnProcessor},
+    guided_attention=lambda name, module: module.is_cross_attention,
     prompts=PromptAdapter(
         prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2"},
         embeds={"nag_negative_prompt_embeds": 0},
         per_branch=(0,),
         forwarded=("device", "num_images_per_prompt", "lora_scale", "clip_skip"),
-        **_NO_CFG_NEGATIVE,
+        negative_kwargs=(("do_classifier_free_guidance", False),),  # the NAG negative needs no CFG negative
     ),
     pipelines=PIPELINES,
     defaults=DEFAULTS,

@@ -9,42 +9,31 @@ once, text K/V for ``2B`` rows, one attention per branch and the combine before 
 ``B`` rows and expanded to ``2B`` by the hook only so that the stock forward can join it to the text; the processor
 attends to its first ``B`` rows once and adds that output to the combined text output, as the authors do.
 
-The model's forward does not pass its attention kwargs to the blocks, so the record reaches the processors through
-``cross_attention.hand_record``. Wan 2.2 A14B pipelines hold two experts (``transformer``, ``transformer_2``): both
+The model's forward does not pass its attention kwargs to the blocks, so the record reaches the processors per
+thread (``call_state.record()``, ``Family.passes_attention_kwargs``). Wan 2.2 A14B pipelines hold two experts (``transformer``, ``transformer_2``): both
 are patched and guided; the pipeline's ``boundary_ratio`` picks the expert per step as usual.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanAttnProcessor,
+    WanTransformer3DModel,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
 
-from .. import cross_attention
+from .. import call_state, cross_attention
 from ..family import Family
 from ..pipeline import PromptAdapter
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from ..processor import _DISPATCH_TAKES_PARALLEL_CONFIG, NAGProcessor
 from ..registry import register_family
+from ..versions import optional
 
-try:  # diffusers releases without the WanAttention API register nothing (apply_nag then names the supported models)
-    from diffusers.models.transformers.transformer_wan import (
-        WanAttention,
-        WanAttnProcessor,
-        WanTransformer3DModel,
-        _get_added_kv_projections,
-        _get_qkv_projections,
-    )
-except ImportError:  # pragma: no cover - depends on the diffusers release
-    WanAttention = None
-    try:
-        from diffusers import WanTransformer3DModel as _Wan
-    except ImportError:
-        _Wan = None
-    if _Wan is not None:
-        cross_attention.register_unsupported("Wan", _Wan, {}, "WanAttention / WanAttnProcessor")
-
-try:
-    from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
-except ImportError:  # pragma: no cover - depends on the diffusers release
-    WanVACETransformer3DModel = None
+WanVACETransformer3DModel = optional("diffusers.models.transformers.transformer_wan_vace", "WanVACETransformer3DModel")
 
 TEXT_LEN = 512  # the stock processor's text context length: the image context is the rest of the sequence
 
@@ -55,104 +44,77 @@ PIPELINES = {
     "WanVACEPipeline": {},
 }
 
-# The NAG negative's own encoding needs no CFG negative (an extra T5 pass); older cores lack the option.
-_NO_CFG_NEGATIVE = (
-    {"negative_kwargs": (("do_classifier_free_guidance", False),)}
-    if "negative_kwargs" in PromptAdapter.__dataclass_fields__ else {}
-)
-
 DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
 
-if WanAttention is not None:
 
-    class NAGWanAttnProcessor(NAGProcessor):
-        """``WanAttnProcessor`` with NAG in cross-attention: a call with ``2B`` text rows for ``B`` video rows and a
-        record (``record``, set by ``cross_attention.hand_record``) is guided; any other call goes to the wrapped
-        stock processor."""
+class NAGWanAttnProcessor(NAGProcessor):
+    """``WanAttnProcessor`` with NAG in cross-attention: a call with ``2B`` text rows for ``B`` video rows and a
+    record (``call_state.record()``, set by the model's pre-hook) is guided; any other call goes to the wrapped
+    stock processor."""
 
-        stock = WanAttnProcessor
+    stock = WanAttnProcessor
 
-        def __init__(self, inner=None):
-            super().__init__(inner)
-            self.record = None
+    def _cross_attend(self, query, key, value, mask=None):
+        # Like the stock processor: cross-attention is never context-parallel (the text is not split).
+        extra = {"parallel_config": None} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend, **extra)
+        return out.flatten(2, 3).type_as(query)
 
-        def _cross_attend(self, query, key, value, mask=None):
-            # Like the stock processor: cross-attention is never context-parallel (the text is not split).
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        nag = call_state.record()
+        if not cross_attention.is_guided_call(nag, hidden_states, encoder_hidden_states):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        rows = hidden_states.shape[0]  # B video rows; encoder_hidden_states [2B, (257 +) 512, C]
+        image_context = None
+        if attn.add_k_proj is not None:
+            image_len = encoder_hidden_states.shape[1] - TEXT_LEN
+            image_context = encoder_hidden_states[:rows, :image_len]  # the positive half (both halves are equal)
+            encoder_hidden_states = encoder_hidden_states[:, image_len:]
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        out = cross_attention.guided_cross_attention(self._cross_attend, query, key, value, nag, attention_mask,
+                                                     attention_mask)
+        if image_context is not None:  # the I2V image context: once, unguided, added after the combine
+            key_img, value_img = _get_added_kv_projections(attn, image_context)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            out = out + self._cross_attend(query, key_img, value_img.unflatten(2, (attn.heads, -1)))
+        return attn.to_out[1](attn.to_out[0](out))
 
-            from ..processor import _DISPATCH_TAKES_PARALLEL_CONFIG
 
-            extra = {"parallel_config": None} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
-            out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend, **extra)
-            return out.flatten(2, 3).type_as(query)
+def _check(model, kw: dict, batch: int) -> None:
+    text = kw["encoder_hidden_states"]
+    width = model.config.text_dim
+    if text.shape[-1] != width:
+        raise ValueError(f"encoder_hidden_states must have width text_dim={width}, got {text.shape[-1]}")
+    image = kw.get("encoder_hidden_states_image")
+    if model.config.image_dim is not None and image is None:
+        raise ValueError("encoder_hidden_states_image is required by this I2V model (image_dim is set)")
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-            nag = self.record
-            if not cross_attention.is_guided_call(nag, hidden_states, encoder_hidden_states):
-                return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-            rows = hidden_states.shape[0]  # B video rows; encoder_hidden_states [2B, (257 +) 512, C]
-            image_context = None
-            if attn.add_k_proj is not None:
-                image_len = encoder_hidden_states.shape[1] - TEXT_LEN
-                image_context = encoder_hidden_states[:rows, :image_len]  # the positive half (both halves are equal)
-                encoder_hidden_states = encoder_hidden_states[:, image_len:]
-            query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-            query, key = attn.norm_q(query), attn.norm_k(key)
-            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-            out = cross_attention.guided_cross_attention(self._cross_attend, query, key, value, nag, attention_mask,
-                                                         attention_mask)
-            if image_context is not None:  # the I2V image context: once, unguided, added after the combine
-                key_img, value_img = _get_added_kv_projections(attn, image_context)
-                key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
-                out = out + self._cross_attend(query, key_img, value_img.unflatten(2, (attn.heads, -1)))
-            return attn.to_out[1](attn.to_out[0](out))
 
-    def _cross_modules(model):
-        return [m for m in model.modules() if isinstance(m, WanAttention) and m.is_cross_attention]
-
-    def patch(model):
-        processors = wrap_processors(model, WanAttention, NAGWanAttnProcessor)
-        cross_attention.hand_record(model, _cross_modules(model))
-        return processors, []
-
-    def restore(model, processors, patched) -> None:
-        cross_attention.restore_record(model)
-        restore_processors(model, WanAttention, NAGWanAttnProcessor, processors)
-
-    def _check(model, kw: dict, batch: int) -> None:
-        for module in _cross_modules(model):
-            if not isinstance(module.processor, NAGWanAttnProcessor):
-                check_processors(model, WanAttention, NAGWanAttnProcessor)  # raises, naming the module
-        text = kw["encoder_hidden_states"]
-        width = model.config.text_dim
-        if text.shape[-1] != width:
-            raise ValueError(f"encoder_hidden_states must have width text_dim={width}, got {text.shape[-1]}")
-        image = kw.get("encoder_hidden_states_image")
-        if model.config.image_dim is not None and image is None:
-            raise ValueError("encoder_hidden_states_image is required by this I2V model (image_dim is set)")
-
-    WAN = Family(
-        name="Wan 2.1 / 2.2",
-        models=tuple(m for m in (WanTransformer3DModel, WanVACETransformer3DModel) if m is not None),
-        token_order="cross_attention",
-        acts_in="the text cross-attention attn2 of every block (the I2V image context unguided)",
-        patch=patch,
-        restore=restore,
-        prompts=PromptAdapter(
-            prompts={"nag_negative_prompt": "prompt"},
-            embeds={"nag_negative_prompt_embeds": 0},
-            per_branch=(0,),
-            forwarded=("device", "num_videos_per_prompt", "max_sequence_length", "dtype"),
-            per_image_arg="num_videos_per_prompt",
-            **_NO_CFG_NEGATIVE,
-        ),
-        pipelines=PIPELINES,
-        defaults=DEFAULTS,
-        guided_models=("transformer", "transformer_2"),
-        expand=("encoder_hidden_states_image",),
-        attention_kwargs="attention_kwargs",
-        modes=("exact",),
-        check=_check,
-        timestep_value=torch.amax,  # TI2V's per-token timesteps: the noise level of the noisiest token
-    )
-    register_family(WAN)
+WAN = Family(
+    name="Wan 2.1 / 2.2",
+    models=tuple(m for m in (WanTransformer3DModel, WanVACETransformer3DModel) if m is not None),
+    token_order="cross_attention",
+    acts_in="the text cross-attention attn2 of every block (the I2V image context unguided)",
+    processors={WanAttention: NAGWanAttnProcessor},
+    guided_attention=lambda name, module: module.is_cross_attention,
+    prompts=PromptAdapter(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0},
+        per_branch=(0,),
+        forwarded=("device", "num_videos_per_prompt", "max_sequence_length", "dtype"),
+        per_image_arg="num_videos_per_prompt",
+        negative_kwargs=(("do_classifier_free_guidance", False),),  # the NAG negative needs no CFG negative
+    ),
+    pipelines=PIPELINES,
+    defaults=DEFAULTS,
+    guided_models=("transformer", "transformer_2"),
+    expand=("encoder_hidden_states_image",),
+    attention_kwargs="attention_kwargs",
+    passes_attention_kwargs=False,
+    modes=("exact",),
+    check=_check,
+    timestep_value=torch.amax,  # TI2V's per-token timesteps: the noise level of the noisiest token
+)
+register_family(WAN)

@@ -27,30 +27,27 @@ length. Everything else (refiners, plain calls, unguided layers) is the stock co
 from __future__ import annotations
 
 import dataclasses
-import types
 import warnings
 
 import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel, ZSingleStreamAttnProcessor
 
 import nag_kernels
 from nag_kernels.attention import attention_with_lse
 
-from ..family import Family
-from ..guided import NAGForward, state_of
-from ..pipeline import PromptAdapter, _per_prompt
-from ..processor import NAGProcessor, check_processors, restore_processors, wrap_processors
+from .. import call_state
+from ..family import Family, MethodPatch
+from ..guided import NAGForward
+from ..pipeline import PromptAdapter, per_prompt
+from ..processor import NAGProcessor
 from ..registry import register_family
 
-try:  # Z-Image arrived in diffusers 0.36; on older releases this family is not registered
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel, ZSingleStreamAttnProcessor
-except ImportError:  # pragma: no cover - depends on the installed diffusers
-    ZImageTransformer2DModel = None
-
 PIPELINES = {"ZImagePipeline": {}, "ZImageImg2ImgPipeline": {}, "ZImageInpaintPipeline": {}}
-_RECORD = "_nag_call"  # the guided forward's record, from _patchify to _unified (consumed there)
-_ROWS = "_nag_rows"  # set by _check when a forward carries NAG-negative captions (read and cleared by _patchify)
-_METHODS = ("patchify_and_embed", "_build_unified_sequence")
+# Per-thread slots (call_state): the guided forward's record, from _patchify to _unified (consumed there), and
+# whether a forward carried NAG-negative captions (set by _check, read and cleared by _patchify).
+_RECORD = "zimage_record"
+_ROWS = "zimage_rows"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +80,7 @@ class NAGZImageAttnProcessor(NAGProcessor):
     """``ZSingleStreamAttnProcessor`` with NAG: a ``Layout`` as attention mask marks a guided joined layer; every
     other call (refiners, plain forwards) goes to the wrapped stock processor."""
 
-    stock = ZSingleStreamAttnProcessor if ZImageTransformer2DModel is not None else type(None)
+    stock = ZSingleStreamAttnProcessor
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         if not isinstance(attention_mask, Layout):
@@ -142,11 +139,10 @@ def _patchify(self, all_image, all_cap_feats, patch_size, f_patch_size):
     """``patchify_and_embed`` of a guided forward: the B images with the positive captions (their positions), and
     the B negative captions' tokens; the caption lists get 2B entries."""
     stock = type(self).patchify_and_embed
-    self.__dict__.pop(_RECORD, None)
-    had_rows = self.__dict__.pop(_ROWS, False)
+    call_state.take(_RECORD)
+    had_rows = call_state.take(_ROWS, False)
     if not (all_cap_feats and isinstance(all_cap_feats[-1], NAGForward)):
-        state = state_of(self)
-        if state is not None and state.call_config is not None and not had_rows:
+        if call_state.call_config() is not None and not had_rows:
             warnings.warn(
                 "NAG did not act in this step of a Z-Image pipeline call with NAG arguments: the transformer got no "
                 "NAG-negative captions. The pipelines skip encode_prompt when given prompt_embeds without prompt "
@@ -159,13 +155,13 @@ def _patchify(self, all_image, all_cap_feats, patch_size, f_patch_size):
     positive = stock(self, all_image, all_cap_feats[:batch], patch_size, f_patch_size)
     x, cap, size, x_ids, cap_ids, x_pad, cap_pad = positive
     _, neg, _, _, neg_ids, _, neg_pad = stock(self, all_image, all_cap_feats[batch:], patch_size, f_patch_size)
-    self.__dict__[_RECORD] = nag
+    call_state.put(_RECORD, nag)
     return x, cap + neg, size, x_ids, cap_ids + neg_ids, x_pad, cap_pad + neg_pad
 
 
 def _unified(self, x, x_freqs, x_seqlens, x_noise_mask, cap, cap_freqs, cap_seqlens, *args, **kwargs):
     """``_build_unified_sequence`` of a guided forward: rows ``[x ; cap_pos ; cap_neg]`` and a ``Layout`` mask."""
-    nag = self.__dict__.pop(_RECORD, None)
+    nag = call_state.take(_RECORD)
     batch = len(x_seqlens)
     if nag is None or len(cap_seqlens) != 2 * batch:
         return type(self)._build_unified_sequence(
@@ -180,27 +176,13 @@ def _unified(self, x, x_freqs, x_seqlens, x_noise_mask, cap, cap_freqs, cap_seql
     return unified, freqs, Layout(nag, n, positive, negative), None
 
 
-def patch(model):
-    processors = wrap_processors(model, Attention, NAGZImageAttnProcessor)
-    model.patchify_and_embed = types.MethodType(_patchify, model)
-    model._build_unified_sequence = types.MethodType(_unified, model)
-    return processors, []
-
-
-def restore(model, processors: dict, patched: list) -> None:
-    restore_processors(model, Attention, NAGZImageAttnProcessor, processors)
-    for name in (*_METHODS, _RECORD, _ROWS):
-        model.__dict__.pop(name, None)
-
-
 def _check(model, kw: dict, batch: int) -> None:
-    model.__dict__[_ROWS] = True  # NAG rows arrived (a step past nag_end drops them before _patchify sees them)
+    call_state.put(_ROWS, True)  # NAG rows arrived (a step past nag_end drops them before _patchify sees them)
     x = kw["x"]
     if isinstance(x[0], list) or kw.get("siglip_feats") is not None:
         raise NotImplementedError("NAG does not support Z-Image's omni mode (lists of images, siglip_feats) yet")
     if kw.get("controlnet_block_samples") is not None:
         raise NotImplementedError("NAG does not support Z-Image ControlNet residuals (controlnet_block_samples) yet")
-    check_processors(model, Attention, NAGZImageAttnProcessor)
 
 
 class ZImageFamily(Family):
@@ -245,7 +227,7 @@ class ZImagePrompts(PromptAdapter):
                 raise ValueError(f"nag_negative_prompt_embeds must have 1 or {prompts} entries, got {len(items)}")
             return {0: list(items) * (prompts // len(items))}
         kwargs = {key: encode_args[key] for key in self.forwarded if key in encode_args}
-        negative = _per_prompt("nag_negative_prompt", negatives.get("nag_negative_prompt") or "", prompts)
+        negative = per_prompt("nag_negative_prompt", negatives.get("nag_negative_prompt") or "", prompts)
         encoded, _ = encode(prompt=negative, do_classifier_free_guidance=False, **kwargs)
         return {0: encoded}
 
@@ -265,28 +247,27 @@ def _sigma(t: torch.Tensor) -> torch.Tensor:
     return 1 - t.reshape(-1)[0]
 
 
-if ZImageTransformer2DModel is not None:
-    ZIMAGE = ZImageFamily(
-        name="Z-Image",
-        models=(ZImageTransformer2DModel,),
-        token_order="image_first",
-        acts_in="the joint attention of the single-stream layers (image outputs), after the unguided noise refiner "
-        "and the per-branch context refiner; the image stream shared by both branches (exact: the modulation does "
-        "not depend on the text)",
-        patch=patch,
-        restore=restore,
-        prompts=ZImagePrompts(
-            prompts={"nag_negative_prompt": "prompt"},
-            embeds={"nag_negative_prompt_embeds": 0},
-            forwarded=("device", "max_sequence_length"),
-        ),
-        pipelines=PIPELINES,
-        defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
-        latents="x",
-        text="cap_feats",
-        timestep="t",
-        timestep_scale=1000.0,
-        timestep_value=_sigma,
-        check=_check,
-    )
-    register_family(ZIMAGE)
+ZIMAGE = ZImageFamily(
+    name="Z-Image",
+    models=(ZImageTransformer2DModel,),
+    token_order="image_first",
+    acts_in="the joint attention of the single-stream layers (image outputs), after the unguided noise refiner "
+    "and the per-branch context refiner; the image stream shared by both branches (exact: the modulation does "
+    "not depend on the text)",
+    processors={Attention: NAGZImageAttnProcessor},
+    method_patches=(MethodPatch("patchify_and_embed", _patchify), MethodPatch("_build_unified_sequence", _unified)),
+    prompts=ZImagePrompts(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0},
+        forwarded=("device", "max_sequence_length"),
+    ),
+    pipelines=PIPELINES,
+    defaults={"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"},
+    latents="x",
+    text="cap_feats",
+    timestep="t",
+    timestep_scale=1000.0,
+    timestep_value=_sigma,
+    check=_check,
+)
+register_family(ZIMAGE)
