@@ -6,12 +6,9 @@ import math
 
 import torch
 
-from .reference import NORMS
-
+NORMS = ("l1", "l2")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
-
-
 SCALARS = ("scale", "tau", "alpha")
 
 
@@ -55,27 +52,37 @@ def _is_symbolic(value) -> bool:
 
 
 def check_params(scale: float, tau: float, alpha: float, norm: str) -> None:
-    """NAG scalars: finite numbers, ``tau > 0``, ``alpha`` in [0, 1], a known norm.
+    """NAG scalars and norm: ``scale >= 1`` (1 turns NAG off), ``tau > 0``, ``alpha`` in [0, 1], all finite; a known
+    norm. See ``check_scalars`` for when the values are checked."""
+    check_norm(norm)
+    check_scalars(SCALARS, (scale, tau, alpha))
 
-    The types and ``norm`` are always checked. The values are checked where they are concrete Python numbers
-    outside ``torch.compile`` tracing, and skipped while it traces: a scalar that dynamo made dynamic is a SymFloat,
-    whose finiteness and sign cannot be asked without a graph break or a guard (a recompile per value), and an error
+
+def check_scalars(names, values) -> None:
+    """NAG scalars by name (``"scale"``, ``"tau"``, ``"alpha"``, any subset): real numbers, finite, ``scale >= 1``,
+    ``tau > 0``, ``alpha`` in [0, 1] (docs/spec.md, "The combine").
+
+    The types are always checked. The values are checked where they are concrete Python numbers outside
+    ``torch.compile`` tracing, and skipped while it traces: a scalar that dynamo made dynamic is a SymFloat, whose
+    finiteness and sign cannot be asked without a graph break or a guard (a recompile per value), and an error
     raised while tracing would surface as dynamo's ``Unsupported``, not as this ``ValueError``. Nothing is lost:
     the ops' real implementations check the concrete values when the compiled graph runs, so a bad value raises
     the same ``ValueError`` there.
     """
-    for name, value in zip(SCALARS, (scale, tau, alpha)):
+    for name, value in zip(names, values):
         check_real(name, value)
-    check_norm(norm)
     if torch.compiler.is_compiling():
         return
-    for name, value in zip(SCALARS, (scale, tau, alpha)):
-        if not _is_symbolic(value) and not math.isfinite(value):
+    concrete = {name: value for name, value in zip(names, values) if not _is_symbolic(value)}
+    for name, value in concrete.items():
+        if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-    if not _is_symbolic(tau) and tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if not _is_symbolic(alpha) and not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if "scale" in concrete and concrete["scale"] < 1:
+        raise ValueError(f"scale must be >= 1 (1 turns NAG off), got {concrete['scale']}")
+    if "tau" in concrete and concrete["tau"] <= 0:
+        raise ValueError(f"tau must be > 0, got {concrete['tau']}")
+    if "alpha" in concrete and not 0 <= concrete["alpha"] <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {concrete['alpha']}")
 
 
 def check_norm(norm: str) -> None:
@@ -117,9 +124,84 @@ def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
         )
 
 
+def check_out(out: torch.Tensor, ref: torch.Tensor, ref_name: str = "z_pos") -> None:
+    """``out=``: the shape, dtype and device of ``ref``, last dim contiguous, and no two elements at one address (a
+    stride-0 ``expand()`` would have several results written to one place, in no defined order). Metadata only, so
+    fake and meta tensors are checked too; overlap with the inputs is ``overlaps_other_than_alias``'s, at run time."""
+    check_like("out", out, ref_name, ref)
+    check_last_dim_contiguous("out", out)
+    if may_self_overlap(out):
+        raise ValueError(
+            f"out must not have overlapping elements, got strides {tuple(out.stride())} for shape {tuple(out.shape)} "
+            "(e.g. an expand()ed tensor); pass a tensor whose elements are distinct, e.g. out.contiguous()"
+        )
+
+
 def check_pair(z_pos: torch.Tensor, z_neg: torch.Tensor, dtypes=DTYPES) -> None:
     """``z_pos``/``z_neg``: same shape ``[..., C]``, same supported dtype and device, last dim contiguous."""
     check_float_tensor("z_pos", z_pos, dtypes)
     check_like("z_neg", z_neg, "z_pos", z_pos)
     check_last_dim_contiguous("z_pos", z_pos)
     check_last_dim_contiguous("z_neg", z_neg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory overlap of out= with itself and with the inputs.
+#
+# Built on public tensor metadata only (sizes, strides, ``data_ptr()``, ``element_size()``): torch's own overlap
+# checks (``torch._C._debug_has_internal_overlap``, ``torch._prims_common``) are private. PyTorch tensors never have
+# negative strides, so a tensor touches exactly the bytes from ``data_ptr()`` to its last element.
+
+
+def may_self_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share an address. The dims of size > 1 sorted by stride must each step past
+    every element the smaller ones reach (``stride > sum((size - 1) * stride)`` of those): a proof of distinct
+    elements that every layout from slicing, transposing, permuting or ``narrow`` passes; a stride 0 (``expand``)
+    fails it, and so would an exotic ``as_strided`` whose elements happen to be distinct. Symbolic sizes (while
+    ``torch.compile`` traces) are not asked, to not add guards; the real run checks the concrete tensor."""
+    dims = [(t.stride(d), t.size(d)) for d in range(t.dim())]
+    if not all(type(stride) is int and type(size) is int for stride, size in dims):
+        return False
+    reach = 0
+    for stride, size in sorted(d for d in dims if d[1] > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements at the same addresses: same start, dtype, shape, and strides
+    (those of size-1 dims aside, which address nothing)."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+    )
+
+
+def overlaps_other_than_alias(out: torch.Tensor, inputs) -> bool:
+    """Whether ``out`` shares memory with one of ``inputs`` other than as exactly the same view (``out=z_pos``).
+
+    The kernels read each element of a token before the same program writes it, so an exact alias is safe in place;
+    any other overlap (``out`` shifted by a token against ``z_pos``, or over the ``norms``) would let one program
+    overwrite what another has still to read. Conservative: byte ranges that intersect count as overlap even where
+    the elements interleave without touching (the caller then computes into a temporary, still correct). Needs real
+    tensors (``data_ptr``), not fake or meta ones."""
+    if out.numel() == 0:
+        return False
+    lo, hi = _byte_span(out)
+    for t in inputs:
+        if t.numel() == 0:
+            continue
+        t_lo, t_hi = _byte_span(t)
+        if t_lo < hi and lo < t_hi and not same_view(out, t):
+            return True
+    return False

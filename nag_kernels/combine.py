@@ -61,7 +61,7 @@ def _nag_rows_kernel(
     n_rows, n_inner, C,
     sp_outer, sp_inner, sn_outer, sn_inner, so_outer, so_inner,
     scale, tau, alpha,
-    L2: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    L2: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, NAG_OFF: tl.constexpr,
 ):
     # Inductor may pass Python floats as fp64: pin the arithmetic to fp32.
     scale = tl.cast(scale, tl.float32)
@@ -86,6 +86,8 @@ def _nag_rows_kernel(
         norm_t = tl.sum(tl.abs(zt), axis=1)
     weight = alpha * _clamp_factor(norm_pos, norm_t, tau)
     out = weight[:, None] * zt + (1.0 - alpha) * zp
+    if NAG_OFF:  # scale == 1: z_pos exactly (the blend alone rounds, and gives min(1, tau) * z_pos for alpha = 1)
+        out = zp
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=mask)
 
 
@@ -95,7 +97,7 @@ def _nag_chunked_kernel(
     n_inner, C,
     sp_outer, sp_inner, sn_outer, sn_inner, so_outer, so_inner,
     scale, tau, alpha,
-    L2: tl.constexpr, BLOCK_C: tl.constexpr,
+    L2: tl.constexpr, BLOCK_C: tl.constexpr, NAG_OFF: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)
     tau = tl.cast(tau, tl.float32)
@@ -133,6 +135,8 @@ def _nag_chunked_kernel(
         zn = tl.load(n_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         zt = scale * zp - (scale - 1.0) * zn
         out = weight * zt + (1.0 - alpha) * zp
+        if NAG_OFF:
+            out = zp
         tl.store(o_row + start + cols, out.to(O.dtype.element_ty), mask=mask)
 
 
@@ -189,7 +193,9 @@ def _launch(z_pos, z_neg, out, scale, tau, alpha, norm, config=None):
     C = out.shape[-1]
     cfg = config or launch_config(C, n_rows)
     strides = (outer[0], inner[0], outer[1], inner[1], outer[2], inner[2])
-    common = dict(L2=norm == "l2", BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    # NAG_OFF: a constexpr decided here on the launch's Python float, so that it agrees with the PyTorch backend's
+    # `scale == 1` exactly (the kernel's fp32 copy of a scale just above 1 could round to 1.0).
+    common = dict(L2=norm == "l2", BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], NAG_OFF=scale == 1)
     if cfg["chunked"]:
         _nag_chunked_kernel[(n_rows,)](z_pos, z_neg, out, n_inner, C, *strides, scale, tau, alpha, **common)
     else:

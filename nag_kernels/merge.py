@@ -66,7 +66,7 @@ def _nag_merge_kernel(
     slp_b, slp_n, slp_h,
     sln_b, sln_n, sln_h,
     scale, tau, alpha,
-    L2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr,
+    L2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr, NAG_OFF: tl.constexpr,
 ):
     # Inductor may pass Python floats as fp64: pin the arithmetic to fp32.
     scale = tl.cast(scale, tl.float32)
@@ -111,6 +111,8 @@ def _nag_merge_kernel(
     ratio = tau * norm_pos / tl.where(zero_t, 1.0, norm_t)
     factor = tl.where(zero_t, 1.0, tl.where(ratio >= 1.0, 1.0, ratio))
     out = (alpha * factor)[:, None, None] * zt + (1.0 - alpha) * zp
+    if NAG_OFF:  # scale == 1: the merged z_pos exactly, whatever tau and alpha
+        out = zp
 
     out_off = (b * sout_b + n * sout_n)[:, None, None] + (h * sout_h)[None, :, None] + d[None, None, :]
     tl.store(OUT + out_off, out.to(OUT.dtype.element_ty), mask=mask)
@@ -156,8 +158,9 @@ def nag_merge_triton(
     """Launch the fused kernel on validated ``[B, N, H, D]`` / ``[B, N, H]`` inputs; returns ``out`` (a new
     contiguous tensor when not given). Inputs are checked by ``merge_ops``; this is the raw launcher.
 
-    ``out`` may be ``o_shared``, ``o_pos`` or ``o_neg`` itself: each element is read before the same program
-    writes it, and programs own disjoint tokens.
+    ``out`` may be ``o_shared``, ``o_pos`` or ``o_neg`` itself (the same view): each element is read before the same
+    program writes it, and programs own disjoint tokens. Any other overlap of ``out`` with an input is the caller's
+    to avoid (the ops compute into a temporary then).
     """
     B, N, H, D = o_pos.shape
     if out is None:
@@ -180,6 +183,6 @@ def nag_merge_triton(
             *strides,
             float(scale), float(tau), float(alpha),
             L2=norm == "l2", BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], TOKENS=cfg["TOKENS"],
-            num_warps=cfg["num_warps"],
+            NAG_OFF=float(scale) == 1, num_warps=cfg["num_warps"],
         )
     return out

@@ -1,15 +1,12 @@
-"""The registered fast-mode merge ops, their PyTorch backend and the public ``nag_merge`` function.
+"""The fast-mode merge as a registered op, its PyTorch backend and the public ``nag_merge`` (through ``op_factory``).
 
-``torch.ops.nag_kernels.nag_merge(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha,
-norm="l1", backend="auto")`` returns a new ``[B, N, H, D]`` tensor; ``torch.ops.nag_kernels.nag_merge_out(out, ...)``
-writes into ``out`` (which may be one of the ``o_*`` inputs). Both have fake implementations, so they run on meta
-tensors and trace under ``torch.compile(fullgraph=True)``; Inductor treats them as opaque calls. Under
-``torch.compile``, ``nag_merge`` calls ``nag_merge_scalar_tensors``/``nag_merge_out_scalar_tensors`` instead, which take
-the scalars as 0-dim tensors so that changing them does not recompile (see ``ops.py``). ``nag_merge`` is
-differentiable w.r.t. the six ``o_*``/``lse_*`` tensors (``nag_merge_backward_torch``, PyTorch ops whichever backend ran
-the forward); the ``out=`` ops are inference-only.
+Registered: ``torch.ops.nag_kernels.nag_merge(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha,
+norm="l1", backend="auto")`` returns a new ``[B, N, H, D]`` tensor, ``nag_merge_out(out, ...)`` writes into ``out``,
+and their ``*_scalar_tensors`` twins take the scalars as 0-dim tensors (what ``nag_merge`` calls under
+``torch.compile``); ``op_factory`` generates all four, their fake impls and the autograd formula w.r.t. the six
+``o_*``/``lse_*`` tensors (``nag_merge_backward_torch``, PyTorch ops whichever backend ran the forward).
 
-Backends, chosen as for ``nag`` (``ops.validate_backend``): ``"triton"`` is the fused kernel of ``merge.py``
+Backends, chosen as for ``nag`` (``op_factory.validate_backend``): ``"triton"`` is the fused kernel of ``merge.py``
 (CUDA/ROCm, or CPU under ``TRITON_INTERPRET=1``); ``"torch"`` is ``nag_merge_torch`` below, PyTorch ops on any device
 (and the only one that takes float64); ``"auto"`` picks Triton where it can run and the dtype is not float64.
 """
@@ -18,19 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (
-    SCALARS,
-    as_number,
-    as_scalar_tensor,
-    check_backend,
-    check_float_tensor,
-    check_last_dim_contiguous,
-    check_like,
-    check_norm,
-    check_params,
-    check_scalar_tensor,
-)
-from .ops import direct_call_ok, read_scalars, refuse_grad_in_place, validate_backend
+from .checks import check_float_tensor, check_last_dim_contiguous, check_like
+from .op_factory import OpSpec, define
 from .torch_backend import nag_backward_torch, nag_torch
 
 O_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,17 +50,6 @@ def check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg) -> 
             )
         if lse.device != o_pos.device:
             raise ValueError(f"{name} must be on the device of o_pos ({o_pos.device}), got {lse.device}")
-
-
-def check_merge_out(out, o_pos) -> None:
-    check_like("out", out, "o_pos", o_pos)
-    check_last_dim_contiguous("out", out)
-
-
-def _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend) -> str:
-    check_merge_inputs(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
-    check_params(scale, tau, alpha, norm)
-    return validate_backend("o_pos", o_pos, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,167 +122,43 @@ def nag_merge_backward_torch(
     return (g_o_s, g_lse_s, *per_branch)
 
 
-def _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out):
-    if backend == "triton":
-        from .merge import nag_merge_triton
+def _nag_merge_triton(*args, out=None) -> torch.Tensor:
+    # imports Triton: only when the Triton backend runs
+    from .merge import nag_merge_triton
 
-        return nag_merge_triton(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, out=out)
-    return nag_merge_torch(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, out=out)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Op registration
+    return nag_merge_triton(*args, out=out)
 
 
-def _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out=None):
-    """The ops' real implementation: validate everything with the concrete values, then run."""
-    backend = _validate(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
-    if out is not None:
-        check_merge_out(out, o_pos)
-    return _run(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out)
+def _example() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    o_shared = torch.randn(1, 5, 3, 20, generator=g)[:, 2:]  # strided leading dims
+    o_pos, o_neg = (torch.randn(1, 3, 3, 20, generator=g) for _ in range(2))
+    lse_shared, lse_pos, lse_neg = (torch.randn(1, 3, 3, generator=g).mul(3).transpose(1, 2) for _ in range(3))
+    return o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg
 
 
-def _check_fake(tensors, norm, backend, out=None) -> None:
-    """Everything the fake impls can check: the tensors' metadata, ``norm`` and ``backend``."""
-    check_merge_inputs(*tensors)
-    check_norm(norm)
-    check_backend(backend)
-    if out is not None:
-        check_merge_out(out, tensors[2])
-
-
-@torch.library.custom_op("nag_kernels::nag_merge", mutates_args=())
-def nag_merge_op(
-    o_shared: torch.Tensor,
-    lse_shared: torch.Tensor,
-    o_pos: torch.Tensor,
-    lse_pos: torch.Tensor,
-    o_neg: torch.Tensor,
-    lse_neg: torch.Tensor,
-    scale: float,
-    tau: float,
-    alpha: float,
-    norm: str = "l1",
-    backend: str = "auto",
-) -> torch.Tensor:
-    return _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend)
-
-
-@nag_merge_op.register_fake
-def _nag_merge_fake(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", backend="auto"):
-    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend)
-    check_params(scale, tau, alpha, norm)
-    return o_pos.new_empty(o_pos.shape)
-
-
-@torch.library.custom_op("nag_kernels::nag_merge_out", mutates_args=("out",))
-def nag_merge_out_op(
-    out: torch.Tensor,
-    o_shared: torch.Tensor,
-    lse_shared: torch.Tensor,
-    o_pos: torch.Tensor,
-    lse_pos: torch.Tensor,
-    o_neg: torch.Tensor,
-    lse_neg: torch.Tensor,
-    scale: float,
-    tau: float,
-    alpha: float,
-    norm: str = "l1",
-    backend: str = "auto",
-) -> None:
-    _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend, out)
-
-
-@nag_merge_out_op.register_fake
-def _nag_merge_out_fake(
-    out, o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", backend="auto"
-):
-    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend, out)
-    check_params(scale, tau, alpha, norm)
-
-
-# The ops nag_merge calls under torch.compile: the scalars as 0-dim float64 CPU tensors (see ops.py).
-
-
-@torch.library.custom_op("nag_kernels::nag_merge_scalar_tensors", mutates_args=())
-def nag_merge_scalar_tensors_op(
-    o_shared: torch.Tensor,
-    lse_shared: torch.Tensor,
-    o_pos: torch.Tensor,
-    lse_pos: torch.Tensor,
-    o_neg: torch.Tensor,
-    lse_neg: torch.Tensor,
-    scale: torch.Tensor,
-    tau: torch.Tensor,
-    alpha: torch.Tensor,
-    norm: str,
-    backend: str,
-) -> torch.Tensor:
-    scalars = read_scalars(scale, tau, alpha)
-    return _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, *scalars, norm, backend)
-
-
-@nag_merge_scalar_tensors_op.register_fake
-def _nag_merge_scalar_tensors_fake(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend):
-    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend)
-    for name, value in zip(SCALARS, (scale, tau, alpha)):
-        check_scalar_tensor(name, value)
-    return o_pos.new_empty(o_pos.shape)
-
-
-@torch.library.custom_op("nag_kernels::nag_merge_out_scalar_tensors", mutates_args=("out",))
-def nag_merge_out_scalar_tensors_op(
-    out: torch.Tensor,
-    o_shared: torch.Tensor,
-    lse_shared: torch.Tensor,
-    o_pos: torch.Tensor,
-    lse_pos: torch.Tensor,
-    o_neg: torch.Tensor,
-    lse_neg: torch.Tensor,
-    scale: torch.Tensor,
-    tau: torch.Tensor,
-    alpha: torch.Tensor,
-    norm: str,
-    backend: str,
-) -> None:
-    scalars = read_scalars(scale, tau, alpha)
-    _merge_impl(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, *scalars, norm, backend, out)
-
-
-@nag_merge_out_scalar_tensors_op.register_fake
-def _nag_merge_out_scalar_tensors_fake(
-    out, o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm, backend
-):
-    _check_fake((o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg), norm, backend, out)
-    for name, value in zip(SCALARS, (scale, tau, alpha)):
-        check_scalar_tensor(name, value)
-
-
-# Autograd: gradients w.r.t. the o_* and lse_* tensors (not the scalars); the out= ops are inference-only.
-
-
-def _merge_setup_context(ctx, inputs, output) -> None:
-    *tensors, scale, tau, alpha, norm, _backend = inputs
-    ctx.save_for_backward(*tensors)
-    ctx.params = (scale, tau, alpha, norm)  # floats, or 0-dim tensors for the scalar-tensor op
-
-
-def _merge_backward(ctx, grad):
-    tensors = ctx.saved_tensors
-    grads = nag_merge_backward_torch(grad, *tensors, *ctx.params)
-    wanted = ctx.needs_input_grad[: len(tensors)]
-    tensor_grads = (g.to(t.dtype) if want else None for g, t, want in zip(grads, tensors, wanted))
-    return (*tensor_grads, None, None, None, None, None)  # scale, tau, alpha, norm, backend
-
-
-nag_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
-nag_merge_scalar_tensors_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+NAG_MERGE = define(
+    OpSpec(
+        name="nag_merge",
+        tensors=("o_shared", "lse_shared", "o_pos", "lse_pos", "o_neg", "lse_neg"),
+        scalars=("scale", "tau", "alpha"),
+        main="o_pos",
+        check=check_merge_inputs,
+        new_result=lambda o_shared, lse_shared, o_pos, *_: o_pos.new_empty(o_pos.shape),
+        torch_impl=lambda *args, out=None: nag_merge_torch(*args, out=out),
+        triton_impl=_nag_merge_triton,
+        backward=nag_merge_backward_torch,
+        has_out=True,
+        example=_example,
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public function
 
 
+@NAG_MERGE.public
 def nag_merge(
     o_shared: torch.Tensor,
     lse_shared: torch.Tensor,
@@ -342,13 +193,14 @@ def nag_merge(
             pass SDPA's ``(batch, heads, seqlen)`` LSE as ``lse.transpose(1, 2)``.
         o_pos, lse_pos: the same for the positive branch's own keys (e.g. its text tokens).
         o_neg, lse_neg: the same for the NAG-negative branch's own keys.
-        scale: NAG scale (1 = off; typical 3-11). tau: norm-ratio clamp (> 0, typical 2.5). alpha: blend in [0, 1].
+        scale: NAG scale, >= 1 (1 = off: the merged positive branch, exactly; typical 3-11). tau: norm-ratio clamp (> 0, typical 2.5). alpha: blend in [0, 1].
             Python numbers or 0-dim real tensors, as for ``nag`` (they may change between calls under
             ``torch.compile`` without recompiling each time).
         norm: ``"l1"`` (default, the paper's) or ``"l2"``.
         out: optional ``(batch, seqlen, heads, head_dim)`` output with o_pos's dtype and device, last dim
-            contiguous; may be one of the ``o_*`` inputs itself. Inference-only: refused when an input requires grad
-            under grad mode.
+            contiguous, keyword-only; may be one of the ``o_*`` inputs itself (the same view: in place), or overlap
+            the inputs otherwise (computed into a temporary, then copied); its own elements must not overlap.
+            Inference-only: refused when an input requires grad under grad mode.
         backend: ``"auto"`` (Triton on CUDA/ROCm and under ``TRITON_INTERPRET=1`` for float32/16/bf16, PyTorch
             otherwise, float64 included), ``"triton"`` or ``"torch"``.
 
@@ -365,32 +217,4 @@ def nag_merge(
         >>> guided = nag_kernels.nag_merge(o_img, lse_img, o_p, lse_p, o_n, lse_n, scale=5.0)
     """
     tensors = (o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg)
-    if torch.compiler.is_compiling():
-        return _nag_merge_compiling(tensors, scale, tau, alpha, norm, out, backend)
-    scale, tau, alpha = (as_number(name, value) for name, value in zip(SCALARS, (scale, tau, alpha)))
-    # Checked before dispatch too: the op schema would otherwise reject a non-tensor or a non-float with a
-    # message that does not say what was expected.
-    check_merge_inputs(*tensors)
-    check_params(scale, tau, alpha, norm)
-    args = (*tensors, float(scale), float(tau), float(alpha), norm, backend)
-    if out is not None:
-        check_merge_out(out, o_pos)
-        refuse_grad_in_place("nag_merge", *tensors, out)
-    if direct_call_ok(*tensors, out):  # eager: skip the dispatcher
-        return _run(*args[:-1], validate_backend("o_pos", o_pos, backend), out=out)  # inputs checked above
-    if out is None:
-        return torch.ops.nag_kernels.nag_merge(*args)
-    torch.ops.nag_kernels.nag_merge_out(out, *args)
-    return out
-
-
-def _nag_merge_compiling(tensors, scale, tau, alpha, norm, out, backend) -> torch.Tensor:
-    """``nag_merge`` while ``torch.compile`` traces: the scalar-tensor ops, so that changing scalars do not
-    recompile. Everything but the scalar values is checked here; the values when the compiled graph runs."""
-    _check_fake(tensors, norm, backend, out)
-    scalars = [as_scalar_tensor(name, value) for name, value in zip(SCALARS, (scale, tau, alpha))]
-    if out is None:
-        return torch.ops.nag_kernels.nag_merge_scalar_tensors(*tensors, *scalars, norm, backend)
-    refuse_grad_in_place("nag_merge", *tensors, out)
-    torch.ops.nag_kernels.nag_merge_out_scalar_tensors(out, *tensors, *scalars, norm, backend)
-    return out
+    return NAG_MERGE(tensors, (scale, tau, alpha), norm=norm, out=out, backend=backend)

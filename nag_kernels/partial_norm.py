@@ -112,7 +112,7 @@ def _with_norms(
     n_rows, n_inner, C,
     sp_outer, sp_inner, sn_outer, sn_inner, ss_outer, ss_inner, ss_last, so_outer, so_inner,
     scale, tau, alpha,
-    L2: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    L2: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, NAG_OFF: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)
     tau = tl.cast(tau, tl.float32)
@@ -137,6 +137,8 @@ def _with_norms(
     zn = tl.load(N + n_off, mask=mask, other=0.0).to(tl.float32)
     zt = scale * zp - (scale - 1.0) * zn
     out = weight[:, None] * zt + (1.0 - alpha) * zp
+    if NAG_OFF:  # scale == 1: z_pos exactly, whatever tau, alpha and the norms
+        out = zp
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=mask)
 
 
@@ -207,7 +209,7 @@ def _launch_with_norms(z_pos, z_neg, norms, out, scale, tau, alpha, norm) -> Non
     grid = (_cdiv(n_rows, rows), _cdiv(C, block_c))
     _kernels()[2][grid](
         z_pos, z_neg, norms, out, n_rows, n_inner, C, *strides, scale, tau, alpha,
-        L2=norm == "l2", BLOCK_C=block_c, ROWS=rows, num_warps=cfg["num_warps"],
+        L2=norm == "l2", BLOCK_C=block_c, ROWS=rows, NAG_OFF=scale == 1, num_warps=cfg["num_warps"],
     )
 
 

@@ -1,6 +1,7 @@
-"""The registered ops, the PyTorch backend and the public functions of the split combine (kernels: ``partial_norm.py``).
+"""The split combine as registered ops, its PyTorch backend and the public functions (kernels: ``partial_norm.py``).
 
-Registered ops (``torch.library``; fake impls for meta tensors and ``torch.compile(fullgraph=True)``)::
+Declared through ``op_factory``, which registers (``torch.library``; fake impls for meta tensors and
+``torch.compile(fullgraph=True)``)::
 
     nag_kernels::nag_partial_norms(z_pos, z_neg, float scale, str norm="l1", str backend="auto") -> Tensor
     nag_kernels::nag_with_norms(z_pos, z_neg, norms, float scale, float tau, float alpha, str norm="l1",
@@ -8,8 +9,8 @@ Registered ops (``torch.library``; fake impls for meta tensors and ``torch.compi
     nag_kernels::nag_with_norms_out(Tensor(a!) out, ...same...) -> ()
 
 and their ``*_scalar_tensors`` twins (the scalars as 0-dim tensors), which the public functions call under
-``torch.compile`` so that changing the scalars between calls does not recompile (see ``ops.py``). Both non-mutating
-ops are differentiable w.r.t. their tensors (PyTorch formulas, ``*_backward_torch``); ``out=`` is inference-only.
+``torch.compile`` so that changing the scalars between calls does not recompile. Both non-mutating ops are
+differentiable w.r.t. their tensors (PyTorch formulas, ``*_backward_torch``); ``out=`` is inference-only.
 """
 
 from __future__ import annotations
@@ -18,20 +19,10 @@ import math
 
 import torch
 
-from .checks import (
-    SCALARS,
-    as_number,
-    as_scalar_tensor,
-    check_backend,
-    check_norm,
-    check_pair,
-    check_params,
-    check_real,
-    check_scalar_tensor,
-)
-from .ops import check_out, direct_call_ok, read_scalars, refuse_grad_in_place, validate_backend
+from .checks import check_pair
+from .op_factory import OpSpec, define
 from .partial_norm import _DTYPES, launch_partial_norms, launch_with_norms
-
+from .reference import where_nag_off
 
 # ----------------------------------------------------------------------------------------------------------------
 # PyTorch backend and autograd formulas
@@ -65,7 +56,10 @@ def _norms_and_factor(norms, tau, norm, dtype):
 
 
 def with_norms_torch(z_pos, z_neg, norms, scale, tau, alpha, norm="l1", out=None) -> torch.Tensor:
-    """``nag_with_norms`` in PyTorch ops (float32 math, float64 for float64 inputs)."""
+    """``nag_with_norms`` in PyTorch ops (float32 math, float64 for float64 inputs); ``z_pos`` exactly at
+    ``scale == 1``. The scalars are Python numbers (the ops read tensors first)."""
+    if scale == 1:  # NAG off (docs/spec.md, "The combine")
+        return z_pos.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(z_pos)
     dtype = _compute_dtype(z_pos)
     zp = z_pos.to(dtype)
     zt = torch.lerp(z_neg.to(dtype), zp, float(scale))
@@ -103,7 +97,8 @@ def with_norms_backward_torch(grad, z_pos, z_neg, norms, scale, tau, alpha, norm
 
     (``[clamped]``: ``tau * n_pos < n_t``; elsewhere the factor is the constant 1), and for L2 the chain rule through
     ``n = sqrt(sum)``: ``g_sum = g_n / (2 n)``. A NaN in a token's norms or ``h`` makes its norms' gradient NaN.
-    float32 (float64 for float64 inputs); the caller casts.
+    At ``scale == 1`` (output ``z_pos``): ``grad``, 0 and 0. The scalars are numbers or 0-dim tensors. float32
+    (float64 for float64 inputs); the caller casts.
     """
     dtype = _compute_dtype(z_pos)
     g = grad.to(dtype)
@@ -122,20 +117,13 @@ def with_norms_backward_torch(grad, z_pos, z_neg, norms, scale, tau, alpha, norm
         g_n = torch.where(g_n == 0, g_n, g_n / (2 * n))
     nan = torch.isnan(h) | torch.isnan(ratio)
     g_n = torch.where(nan, torch.full_like(g_n, math.nan), g_n)
-    return g_pos, (1 - scale) * g_t, g_n
+    zero = torch.zeros_like(g)
+    return (where_nag_off(scale, g, g_pos), where_nag_off(scale, zero, (1 - scale) * g_t),
+            where_nag_off(scale, torch.zeros_like(g_n), g_n))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def check_scale(scale) -> None:
-    """``scale``: a finite real number (the value is checked outside tracing only, as ``checks.check_params``)."""
-    check_real("scale", scale)
-    if torch.compiler.is_compiling() or isinstance(scale, (torch.SymInt, torch.SymFloat)):
-        return
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
 
 
 def check_norms(norms, z_pos) -> None:
@@ -158,213 +146,73 @@ def check_norms(norms, z_pos) -> None:
         raise ValueError(f"norms must be on the device of z_pos ({z_pos.device}), got {norms.device}")
 
 
-def _check_partial(z_pos, z_neg, norm, backend) -> None:
+def _check_with_norms(z_pos, z_neg, norms) -> None:
     check_pair(z_pos, z_neg, dtypes=_DTYPES)
-    check_norm(norm)
-    check_backend(backend)
-
-
-def _check_with_norms(z_pos, z_neg, norms, norm, backend, out=None) -> None:
-    _check_partial(z_pos, z_neg, norm, backend)
     check_norms(norms, z_pos)
-    if out is not None:
-        check_out(out, z_pos)
-
-
-def _partial_impl(z_pos, z_neg, scale, norm, backend) -> torch.Tensor:
-    _check_partial(z_pos, z_neg, norm, backend)
-    check_scale(scale)
-    backend = validate_backend("z_pos", z_pos, backend)
-    return _run_partial(z_pos, z_neg, scale, norm, backend)
-
-
-def _run_partial(z_pos, z_neg, scale, norm, backend) -> torch.Tensor:
-    if backend == "triton":
-        return launch_partial_norms(z_pos, z_neg, scale, norm)
-    return partial_norms_torch(z_pos, z_neg, scale, norm)
-
-
-def _with_norms_impl(z_pos, z_neg, norms, scale, tau, alpha, norm, backend, out=None) -> torch.Tensor:
-    _check_with_norms(z_pos, z_neg, norms, norm, backend, out)
-    check_params(scale, tau, alpha, norm)
-    backend = validate_backend("z_pos", z_pos, backend)
-    return _run_with_norms(z_pos, z_neg, norms, scale, tau, alpha, norm, backend, out)
-
-
-def _run_with_norms(z_pos, z_neg, norms, scale, tau, alpha, norm, backend, out) -> torch.Tensor:
-    if backend == "triton":
-        return launch_with_norms(z_pos, z_neg, norms, scale, tau, alpha, norm, out=out)
-    return with_norms_torch(z_pos, z_neg, norms, scale, tau, alpha, norm, out=out)
 
 
 def _sums_like(z_pos: torch.Tensor) -> torch.Tensor:
     return z_pos.new_empty((*z_pos.shape[:-1], 2), dtype=_compute_dtype(z_pos))
 
 
+def _example() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 21, generator=g)[:, 1:], torch.randn(2, 3, 21, generator=g)
+
+
+def _example_with_norms() -> tuple[torch.Tensor, ...]:
+    z_pos, z_neg = _example()
+    return z_pos, z_neg, partial_norms_torch(z_pos, z_neg, 5.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Registered ops: the scalars as floats, and as 0-dim tensors (called under torch.compile; see ops.py)
+# The ops (op_factory generates the registered variants, fake impls, autograd and dispatch)
 
 
-@torch.library.custom_op("nag_kernels::nag_partial_norms", mutates_args=())
-def nag_partial_norms_op(
-    z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, norm: str = "l1", backend: str = "auto"
-) -> torch.Tensor:
-    return _partial_impl(z_pos, z_neg, scale, norm, backend)
+NAG_PARTIAL_NORMS = define(
+    OpSpec(
+        name="nag_partial_norms",
+        tensors=("z_pos", "z_neg"),
+        scalars=("scale",),
+        main="z_pos",
+        check=lambda z_pos, z_neg: check_pair(z_pos, z_neg, dtypes=_DTYPES),
+        new_result=lambda z_pos, z_neg: _sums_like(z_pos),
+        torch_impl=partial_norms_torch,
+        triton_impl=launch_partial_norms,
+        backward=partial_norms_backward_torch,
+        has_out=False,
+        example=_example,
+    )
+)
 
-
-@nag_partial_norms_op.register_fake
-def _nag_partial_norms_fake(z_pos, z_neg, scale, norm="l1", backend="auto"):
-    _check_partial(z_pos, z_neg, norm, backend)
-    check_scale(scale)
-    return _sums_like(z_pos)
-
-
-@torch.library.custom_op("nag_kernels::nag_partial_norms_scalar_tensors", mutates_args=())
-def nag_partial_norms_scalar_tensors_op(
-    z_pos: torch.Tensor, z_neg: torch.Tensor, scale: torch.Tensor, norm: str, backend: str
-) -> torch.Tensor:
-    return _partial_impl(z_pos, z_neg, *read_scalars(scale), norm, backend)
-
-
-@nag_partial_norms_scalar_tensors_op.register_fake
-def _nag_partial_norms_scalar_tensors_fake(z_pos, z_neg, scale, norm, backend):
-    _check_partial(z_pos, z_neg, norm, backend)
-    check_scalar_tensor("scale", scale)
-    return _sums_like(z_pos)
-
-
-@torch.library.custom_op("nag_kernels::nag_with_norms", mutates_args=())
-def nag_with_norms_op(
-    z_pos: torch.Tensor,
-    z_neg: torch.Tensor,
-    norms: torch.Tensor,
-    scale: float,
-    tau: float,
-    alpha: float,
-    norm: str = "l1",
-    backend: str = "auto",
-) -> torch.Tensor:
-    return _with_norms_impl(z_pos, z_neg, norms, scale, tau, alpha, norm, backend)
-
-
-@nag_with_norms_op.register_fake
-def _nag_with_norms_fake(z_pos, z_neg, norms, scale, tau, alpha, norm="l1", backend="auto"):
-    _check_with_norms(z_pos, z_neg, norms, norm, backend)
-    check_params(scale, tau, alpha, norm)
-    return z_pos.new_empty(z_pos.shape)
-
-
-@torch.library.custom_op("nag_kernels::nag_with_norms_out", mutates_args=("out",))
-def nag_with_norms_out_op(
-    out: torch.Tensor,
-    z_pos: torch.Tensor,
-    z_neg: torch.Tensor,
-    norms: torch.Tensor,
-    scale: float,
-    tau: float,
-    alpha: float,
-    norm: str = "l1",
-    backend: str = "auto",
-) -> None:
-    _with_norms_impl(z_pos, z_neg, norms, scale, tau, alpha, norm, backend, out)
-
-
-@nag_with_norms_out_op.register_fake
-def _nag_with_norms_out_fake(out, z_pos, z_neg, norms, scale, tau, alpha, norm="l1", backend="auto"):
-    _check_with_norms(z_pos, z_neg, norms, norm, backend, out)
-    check_params(scale, tau, alpha, norm)
-
-
-@torch.library.custom_op("nag_kernels::nag_with_norms_scalar_tensors", mutates_args=())
-def nag_with_norms_scalar_tensors_op(
-    z_pos: torch.Tensor,
-    z_neg: torch.Tensor,
-    norms: torch.Tensor,
-    scale: torch.Tensor,
-    tau: torch.Tensor,
-    alpha: torch.Tensor,
-    norm: str,
-    backend: str,
-) -> torch.Tensor:
-    return _with_norms_impl(z_pos, z_neg, norms, *read_scalars(scale, tau, alpha), norm, backend)
-
-
-@nag_with_norms_scalar_tensors_op.register_fake
-def _nag_with_norms_scalar_tensors_fake(z_pos, z_neg, norms, scale, tau, alpha, norm, backend):
-    _check_with_norms(z_pos, z_neg, norms, norm, backend)
-    for name, value in zip(SCALARS, (scale, tau, alpha)):
-        check_scalar_tensor(name, value)
-    return z_pos.new_empty(z_pos.shape)
-
-
-@torch.library.custom_op("nag_kernels::nag_with_norms_out_scalar_tensors", mutates_args=("out",))
-def nag_with_norms_out_scalar_tensors_op(
-    out: torch.Tensor,
-    z_pos: torch.Tensor,
-    z_neg: torch.Tensor,
-    norms: torch.Tensor,
-    scale: torch.Tensor,
-    tau: torch.Tensor,
-    alpha: torch.Tensor,
-    norm: str,
-    backend: str,
-) -> None:
-    _with_norms_impl(z_pos, z_neg, norms, *read_scalars(scale, tau, alpha), norm, backend, out)
-
-
-@nag_with_norms_out_scalar_tensors_op.register_fake
-def _nag_with_norms_out_scalar_tensors_fake(out, z_pos, z_neg, norms, scale, tau, alpha, norm, backend):
-    _check_with_norms(z_pos, z_neg, norms, norm, backend, out)
-    for name, value in zip(SCALARS, (scale, tau, alpha)):
-        check_scalar_tensor(name, value)
-
-
-# Autograd (PyTorch formulas whichever backend ran the forward); the out= ops are inference-only.
-
-
-def _partial_setup_context(ctx, inputs, output) -> None:
-    z_pos, z_neg, scale, norm, _backend = inputs
-    ctx.save_for_backward(z_pos, z_neg)
-    ctx.params = (scale, norm)  # a float, or a 0-dim tensor for the scalar-tensor op
-
-
-def _partial_backward(ctx, grad):
-    z_pos, z_neg = ctx.saved_tensors
-    g_pos, g_neg = partial_norms_backward_torch(grad, z_pos, z_neg, *ctx.params)
-    want_pos, want_neg = ctx.needs_input_grad[:2]
-    return (g_pos.to(z_pos.dtype) if want_pos else None, g_neg.to(z_neg.dtype) if want_neg else None, None, None, None)
-
-
-def _with_norms_setup_context(ctx, inputs, output) -> None:
-    z_pos, z_neg, norms, scale, tau, alpha, norm, _backend = inputs
-    ctx.save_for_backward(z_pos, z_neg, norms)
-    ctx.params = (scale, tau, alpha, norm)
-
-
-def _with_norms_backward(ctx, grad):
-    tensors = ctx.saved_tensors
-    grads = with_norms_backward_torch(grad, *tensors, *ctx.params)
-    wanted = ctx.needs_input_grad[:3]
-    tensor_grads = (g.to(t.dtype) if want else None for g, t, want in zip(grads, tensors, wanted))
-    return (*tensor_grads, None, None, None, None, None)  # scale, tau, alpha, norm, backend
-
-
-nag_partial_norms_op.register_autograd(_partial_backward, setup_context=_partial_setup_context)
-nag_partial_norms_scalar_tensors_op.register_autograd(_partial_backward, setup_context=_partial_setup_context)
-nag_with_norms_op.register_autograd(_with_norms_backward, setup_context=_with_norms_setup_context)
-nag_with_norms_scalar_tensors_op.register_autograd(_with_norms_backward, setup_context=_with_norms_setup_context)
+NAG_WITH_NORMS = define(
+    OpSpec(
+        name="nag_with_norms",
+        tensors=("z_pos", "z_neg", "norms"),
+        scalars=("scale", "tau", "alpha"),
+        main="z_pos",
+        check=_check_with_norms,
+        new_result=lambda z_pos, z_neg, norms: z_pos.new_empty(z_pos.shape),
+        torch_impl=with_norms_torch,
+        triton_impl=launch_with_norms,
+        backward=with_norms_backward_torch,
+        has_out=True,
+        example=_example_with_norms,
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions
 
 
+@NAG_PARTIAL_NORMS.public(legacy_positional=("norm",))
 def nag_partial_norms(
     z_pos: torch.Tensor,
     z_neg: torch.Tensor,
     scale: float | torch.Tensor,
-    norm: str = "l1",
     *,
+    norm: str = "l1",
     backend: str = "auto",
 ) -> torch.Tensor:
     """This shard's share of NAG's per-token norms, for a combine whose channels are split over ranks (TP).
@@ -384,9 +232,9 @@ def nag_partial_norms(
         z_pos: ``(..., C_local)`` positive attention output, this rank's heads (merged). float32, float16 or
             bfloat16 (float64 on the ``"torch"`` backend); last dim contiguous, leading dims may be strided.
         z_neg: ``(..., C_local)`` NAG-negative attention output; same shape, dtype and device.
-        scale: ``nag_scale``, a number or a 0-dim real tensor (changing it under ``torch.compile`` does not
+        scale: ``nag_scale`` (>= 1), a number or a 0-dim real tensor (changing it under ``torch.compile`` does not
             recompile).
-        norm: ``"l1"`` (default) or ``"l2"``.
+        norm: ``"l1"`` (default) or ``"l2"``; keyword-only (positional still works, with a DeprecationWarning).
         backend: ``"auto"`` (Triton on CUDA/ROCm or under ``TRITON_INTERPRET=1``, PyTorch otherwise and for float64),
             ``"triton"`` or ``"torch"``.
 
@@ -394,19 +242,10 @@ def nag_partial_norms(
         ``(..., 2)`` float32 tensor (float64 for float64 inputs), contiguous: the partial sums for ``z_pos`` and
         ``z_t``. Differentiable w.r.t. ``z_pos`` and ``z_neg``.
     """
-    if torch.compiler.is_compiling():
-        _check_partial(z_pos, z_neg, norm, backend)
-        return torch.ops.nag_kernels.nag_partial_norms_scalar_tensors(
-            z_pos, z_neg, as_scalar_tensor("scale", scale), norm, backend
-        )
-    scale = as_number("scale", scale)
-    _check_partial(z_pos, z_neg, norm, backend)
-    check_scale(scale)
-    if direct_call_ok(z_pos, z_neg):
-        return _run_partial(z_pos, z_neg, scale, norm, validate_backend("z_pos", z_pos, backend))
-    return torch.ops.nag_kernels.nag_partial_norms(z_pos, z_neg, scale, norm, backend)
+    return NAG_PARTIAL_NORMS((z_pos, z_neg), (scale,), norm=norm, out=None, backend=backend)
 
 
+@NAG_WITH_NORMS.public(legacy_positional=("norm", "out"))
 def nag_with_norms(
     z_pos: torch.Tensor,
     z_neg: torch.Tensor,
@@ -414,9 +253,9 @@ def nag_with_norms(
     scale: float | torch.Tensor,
     tau: float | torch.Tensor = 2.5,
     alpha: float | torch.Tensor = 0.25,
+    *,
     norm: str = "l1",
     out: torch.Tensor | None = None,
-    *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The NAG combine of this shard's channels, with the token norms given (reduced over the ranks by the caller).
@@ -434,34 +273,18 @@ def nag_with_norms(
     Args:
         z_pos, z_neg: ``(..., C_local)`` as for ``nag_partial_norms``.
         norms: ``(..., 2)`` reduced sums, float32 (float64 also with float64 inputs), same device, any strides.
-        scale, tau, alpha: ``nag_scale`` (1 = off), ``nag_tau`` (> 0), ``nag_alpha`` (in [0, 1]); numbers or 0-dim
-            real tensors (changing them under ``torch.compile`` does not recompile).
+        scale, tau, alpha: ``nag_scale`` (>= 1; 1 = off: returns ``z_pos``), ``nag_tau`` (> 0), ``nag_alpha`` (in
+            [0, 1]); numbers or 0-dim real tensors (changing them under ``torch.compile`` does not recompile).
         norm: ``"l1"`` or ``"l2"``, as given to ``nag_partial_norms``.
-        out: optional ``(..., C_local)`` output, same dtype and device, last dim contiguous; may be ``z_pos``.
-            Inference-only: refused when an input requires grad under grad mode.
+        out: optional ``(..., C_local)`` output, same dtype and device, last dim contiguous; may be ``z_pos`` or
+            ``z_neg`` (the same view: in place), or overlap the inputs otherwise (computed into a temporary, then
+            copied); its own elements must not overlap. Inference-only: refused when an input requires grad under
+            grad mode.
+        ``norm`` and ``out`` are keyword-only (positional still works, with a DeprecationWarning).
         backend: as ``nag_partial_norms``.
 
     Returns:
         ``(..., C_local)`` in the input dtype (``out`` when given). Without ``out``, differentiable w.r.t. ``z_pos``,
         ``z_neg`` and ``norms``.
     """
-    if torch.compiler.is_compiling():
-        _check_with_norms(z_pos, z_neg, norms, norm, backend, out)
-        scalars = [as_scalar_tensor(name, value) for name, value in zip(SCALARS, (scale, tau, alpha))]
-        if out is None:
-            return torch.ops.nag_kernels.nag_with_norms_scalar_tensors(z_pos, z_neg, norms, *scalars, norm, backend)
-        refuse_grad_in_place("nag_with_norms", z_pos, z_neg, norms, out)
-        torch.ops.nag_kernels.nag_with_norms_out_scalar_tensors(out, z_pos, z_neg, norms, *scalars, norm, backend)
-        return out
-    scale, tau, alpha = (as_number(name, value) for name, value in zip(SCALARS, (scale, tau, alpha)))
-    _check_with_norms(z_pos, z_neg, norms, norm, backend, out)
-    check_params(scale, tau, alpha, norm)
-    if out is not None:
-        refuse_grad_in_place("nag_with_norms", z_pos, z_neg, norms, out)
-    if direct_call_ok(z_pos, z_neg, norms, out):
-        backend = validate_backend("z_pos", z_pos, backend)
-        return _run_with_norms(z_pos, z_neg, norms, scale, tau, alpha, norm, backend, out)
-    if out is None:
-        return torch.ops.nag_kernels.nag_with_norms(z_pos, z_neg, norms, scale, tau, alpha, norm, backend)
-    torch.ops.nag_kernels.nag_with_norms_out(out, z_pos, z_neg, norms, scale, tau, alpha, norm, backend)
-    return out
+    return NAG_WITH_NORMS((z_pos, z_neg, norms), (scale, tau, alpha), norm=norm, out=out, backend=backend)

@@ -11,7 +11,8 @@ For one token with positive and NAG-negative attention outputs ``z_pos`` and ``z
     factor = min(1, tau * ||z_pos|| / ||z_t||), 1 if ||z_t|| = 0  # clamp the norm ratio ||z_t|| / ||z_pos|| at tau
     out    = alpha * factor * z_t + (1 - alpha) * z_pos          # blend
 
-The norm is taken per token over the whole last dim (all heads together), L1 by default. Where both norms are
+with ``scale >= 1``; ``scale == 1`` turns NAG off and returns ``z_pos`` exactly, whatever ``tau``, ``alpha`` and
+``z_neg`` (the formula alone would give ``(1 - alpha + alpha * min(1, tau)) * z_pos``). The norm is taken per token over the whole last dim (all heads together), L1 by default. Where both norms are
 non-zero this equals the authors' ``z_t * min(r, tau) / r`` with ``r = ||z_t|| / ||z_pos||``; unlike theirs it is
 finite for an all-zero token. A NaN anywhere in a token's inputs makes that token's output NaN, and only that token's.
 The prose specification is docs/spec.md, The combine (``nag_reference``) and The LSE merge (``merge_attention_reference``,
@@ -22,11 +23,30 @@ from __future__ import annotations
 
 import torch
 
-NORMS = ("l1", "l2")
+from .checks import NORMS, SCALARS, as_number, check_norm, check_params
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def where_nag_off(scale, z_pos: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result``, or a copy of ``z_pos`` where ``scale == 1`` (NAG off: ``z_pos`` exactly, docs/spec.md "The
+    combine"). A 0-dim tensor ``scale`` is not branched on in Python, whose value ``torch.compile`` may not know while
+    it traces (and the autograd formulas of the ops are traced): ``torch.where`` picks ``z_pos`` element by element, so
+    the math itself gives ``z_pos`` exactly. ``z_pos`` and ``result`` broadcast to ``result``'s shape."""
+    if isinstance(scale, torch.Tensor):
+        return torch.where(scale.to(result.device) == 1, z_pos, result)
+    return torch.broadcast_to(z_pos, result.shape).clone() if scale == 1 else result
+
+
+def check_reference_params(scale, tau, alpha, norm) -> None:
+    """``checks.check_params`` for the reference functions, which also take 0-dim tensor scalars (read with
+    ``.item()``). While ``torch.compile`` traces only ``norm`` is checked: the values may be symbolic."""
+    if torch.compiler.is_compiling():
+        check_norm(norm)
+        return
+    check_params(*(as_number(name, value) for name, value in zip(SCALARS, (scale, tau, alpha))), norm)
 
 
 def token_norm(x: torch.Tensor, norm: str = "l1") -> torch.Tensor:
@@ -50,11 +70,16 @@ def nag_reference(
     Args:
         z_pos: attention output under the positive context, ``[..., C]``.
         z_neg: attention output under the NAG-negative context, same shape and dtype.
-        scale: extrapolation scale ("nag_scale"); 1 turns NAG off. The paper's phi is ``scale - 1``.
+        scale: extrapolation scale ("nag_scale"), ``>= 1``; 1 turns NAG off (returns ``z_pos``). The paper's phi is
+            ``scale - 1``.
         tau: the largest allowed ratio ``||z_t|| / ||z_pos||`` ("nag_tau").
         alpha: blend weight of the guided output ("nag_alpha"); 0 returns ``z_pos``.
         norm: ``"l1"`` (the paper's) or ``"l2"`` (the authors' diffusers Flux file).
+
+    The scalars are numbers or 0-dim tensors; ``ValueError`` for ``scale < 1``, ``tau <= 0``, ``alpha`` outside
+    [0, 1] or a non-finite value, as every op.
     """
+    check_reference_params(scale, tau, alpha, norm)
     dtype = _compute_dtype(z_pos)
     zp = z_pos.to(dtype)
     zn = z_neg.to(dtype)
@@ -64,7 +89,7 @@ def nag_reference(
     # torch.minimum propagates NaN, so a NaN norm makes the whole token NaN (never hidden).
     factor = torch.where(norm_t == 0, torch.ones_like(norm_t), torch.minimum(torch.ones_like(norm_t), tau * norm_pos / norm_t))
     out = alpha * (factor * zt) + (1 - alpha) * zp
-    return out.to(z_pos.dtype)
+    return where_nag_off(scale, zp, out).to(z_pos.dtype)
 
 
 def merge_attention_reference(

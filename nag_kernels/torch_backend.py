@@ -3,7 +3,8 @@
 Same math as ``reference.nag_reference`` with fewer passes over memory: the extrapolation is one ``lerp``
 (``lerp(z_neg, z_pos, scale) = scale * z_pos - (scale - 1) * z_neg``), the norms are two reductions straight into
 ``[..., 1]`` tensors (no expanded full-size ratio tensors as in the authors' formula), and the blend runs in place on
-the extrapolated tensor. Computes in float32 (float64 for float64 inputs).
+the extrapolated tensor. Computes in float32 (float64 for float64 inputs). ``scale == 1`` (NAG off) returns ``z_pos``
+exactly. The forward takes Python numbers: the ops read 0-dim tensor scalars with ``.item()`` before any backend runs.
 
 ``nag_backward_torch`` is the combine's gradient, used by the ops' autograd formulas whichever backend ran the forward.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import token_norm
+from .reference import token_norm, where_nag_off
 
 
 def nag_torch(
@@ -24,6 +25,8 @@ def nag_torch(
     norm: str = "l1",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if scale == 1:  # NAG off (docs/spec.md, "The combine"): z_pos exactly, z_neg unread
+        return z_pos.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(z_pos)
     dtype = torch.float64 if z_pos.dtype == torch.float64 else torch.float32
     zp = z_pos.to(dtype)
     zt = torch.lerp(z_neg.to(dtype), zp, float(scale))
@@ -65,8 +68,8 @@ def nag_backward_torch(
 
     ``[clamped]`` is 1 on the tokens whose clamp is active (``tau * n_pos < n_t``, so ``factor = tau * n_pos / n_t``)
     and 0 elsewhere, where ``factor`` is the constant 1 (at the tie the one-sided gradient of the unclamped side is
-    used). A NaN in a token's inputs or gradient makes that token's gradients NaN. The scalars are numbers or 0-dim
-    tensors. Returns float32 tensors (float64 for float64 inputs); the caller casts them to the input dtypes.
+    used). A NaN in a token's inputs or gradient makes that token's gradients NaN. At ``scale == 1`` (NAG off, the
+    output is ``z_pos``) the gradients are ``grad`` and 0. The scalars are numbers or 0-dim tensors. Returns float32 tensors (float64 for float64 inputs); the caller casts them to the input dtypes.
     """
     dtype = torch.float64 if z_pos.dtype == torch.float64 else torch.float32
     g = grad.to(dtype)
@@ -83,4 +86,4 @@ def nag_backward_torch(
     coef = torch.where(clamped, h / n_t_safe, torch.zeros_like(h))
     g_t = alpha * factor * g - coef * factor * _norm_grad(zt, n_t, norm)
     g_pos = scale * g_t + (1 - alpha) * g + coef * tau * _norm_grad(zp, n_pos, norm)
-    return g_pos, (1 - scale) * g_t
+    return where_nag_off(scale, g, g_pos), where_nag_off(scale, torch.zeros_like(g), (1 - scale) * g_t)

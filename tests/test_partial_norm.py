@@ -66,9 +66,9 @@ BACKEND_CASES = [(d, "triton") for d in DTYPES] + [(d, "torch") for d in DTYPES]
 @pytest.mark.parametrize("dtype, backend", BACKEND_CASES)
 def test_one_shard_equals_nag(dtype, backend, norm):
     z_pos, z_neg = tokens(dtype)
-    sums = nag_partial_norms(z_pos, z_neg, SCALE, norm, backend=backend)
+    sums = nag_partial_norms(z_pos, z_neg, SCALE, norm=norm, backend=backend)
     assert sums.shape == (2, 5, 2) and sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    out = nag_with_norms(z_pos, z_neg, sums, SCALE, TAU, ALPHA, norm, backend=backend)
+    out = nag_with_norms(z_pos, z_neg, sums, SCALE, TAU, ALPHA, norm=norm, backend=backend)
     assert out.dtype == dtype and out.shape == z_pos.shape
     expected = nag(z_pos, z_neg, SCALE, TAU, ALPHA, norm=norm, backend=backend)
     rtol, atol = (1e-6, 1e-6) if dtype != torch.float64 else (1e-12, 1e-12)
@@ -86,8 +86,8 @@ def test_sharded_channels_equal_the_spec(dtype, backend, norm):
     z_pos, z_neg = tokens(dtype)
     bounds = [(0, 13), (13, 30), (30, 37)]
     shards = [(z_pos[..., a:b], z_neg[..., a:b]) for a, b in bounds]
-    sums = sum(nag_partial_norms(p, n, SCALE, norm, backend=backend) for p, n in shards)
-    out = torch.cat([nag_with_norms(p, n, sums, SCALE, TAU, ALPHA, norm, backend=backend) for p, n in shards], -1)
+    sums = sum(nag_partial_norms(p, n, SCALE, norm=norm, backend=backend) for p, n in shards)
+    out = torch.cat([nag_with_norms(p, n, sums, SCALE, TAU, ALPHA, norm=norm, backend=backend) for p, n in shards], -1)
     close(out, spec_combine(z_pos, z_neg, SCALE, TAU, ALPHA, norm), dtype)
     check_nan_token(out)
 
@@ -97,7 +97,7 @@ def test_partial_sums_are_the_spec_sums(backend):
     z_pos, z_neg = tokens(torch.bfloat16)
     g = SCALE * z_pos.double() - (SCALE - 1) * z_neg.double()
     for norm, f in (("l1", torch.abs), ("l2", torch.square)):
-        sums = nag_partial_norms(z_pos, z_neg, SCALE, norm, backend=backend)
+        sums = nag_partial_norms(z_pos, z_neg, SCALE, norm=norm, backend=backend)
         expected = torch.stack([f(z_pos.double()).sum(-1), f(g).sum(-1)], -1)
         torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
 
@@ -107,8 +107,8 @@ def test_wide_rows_use_the_chunked_kernels():
     g = torch.Generator().manual_seed(3)
     z_pos, z_neg = torch.randn(2, C, generator=g), torch.randn(2, C, generator=g)
     for norm in ("l1", "l2"):
-        sums = nag_partial_norms(z_pos, z_neg, SCALE, norm, backend="triton")
-        out = nag_with_norms(z_pos, z_neg, sums, SCALE, TAU, ALPHA, norm, backend="triton")
+        sums = nag_partial_norms(z_pos, z_neg, SCALE, norm=norm, backend="triton")
+        out = nag_with_norms(z_pos, z_neg, sums, SCALE, TAU, ALPHA, norm=norm, backend="triton")
         close(out, spec_combine(z_pos, z_neg, SCALE, TAU, ALPHA, norm), torch.float32)
 
 
@@ -117,9 +117,9 @@ def test_unmergeable_leading_dims_and_strided_norms():
     base_p, base_n = torch.randn(3, 4, 5, 40), torch.randn(3, 4, 5, 40)
     z_pos, z_neg = base_p[:, ::2, 1:, :33], base_n[:, 1::2, :4, 7:]
     for backend in ("triton", "torch"):
-        sums = nag_partial_norms(z_pos, z_neg, SCALE, "l2", backend=backend)
+        sums = nag_partial_norms(z_pos, z_neg, SCALE, norm="l2", backend=backend)
         norms = torch.empty(2, *z_pos.shape[:-1]).movedim(0, -1).copy_(sums)  # [..., 2] with stride(-1) != 1
-        out = nag_with_norms(z_pos, z_neg, norms, SCALE, TAU, ALPHA, "l2", backend=backend)
+        out = nag_with_norms(z_pos, z_neg, norms, SCALE, TAU, ALPHA, norm="l2", backend=backend)
         close(out, spec_combine(z_pos, z_neg, SCALE, TAU, ALPHA, "l2"), torch.float32)
 
 
@@ -149,7 +149,7 @@ def test_errors_name_the_argument():
         (lambda: nag_partial_norms(z_pos.t(), z_neg.t(), SCALE), ValueError, "z_pos must be contiguous in its last"),
         (lambda: nag_partial_norms(z_pos, z_neg, math.inf), ValueError, "scale must be finite"),
         (lambda: nag_partial_norms(z_pos, z_neg, "5"), TypeError, "scale must be a real number"),
-        (lambda: nag_partial_norms(z_pos, z_neg, SCALE, "l3"), ValueError, "norm must be one of"),
+        (lambda: nag_partial_norms(z_pos, z_neg, SCALE, norm="l3"), ValueError, "norm must be one of"),
         (lambda: nag_partial_norms(z_pos, z_neg, SCALE, backend="cuda"), ValueError, "backend must be one of"),
         (lambda: nag_partial_norms(z_pos.double(), z_neg.double(), SCALE, backend="triton"), TypeError, "z_pos must"),
         (lambda: nag_with_norms(z_pos, z_neg, sums[:2], SCALE), ValueError, r"norms must have shape \[..., 2\]"),
@@ -210,10 +210,10 @@ def test_compile_fullgraph_changing_scalars_does_not_recompile(backend="auto"):
     counter = CompileCounter()
 
     def step(z_pos, z_neg, scale, tau, alpha):
-        sums = nag_partial_norms(z_pos, z_neg, scale, "l2", backend=backend) * 1  # stands in for the all-reduce
+        sums = nag_partial_norms(z_pos, z_neg, scale, norm="l2", backend=backend) * 1  # stands in for the all-reduce
         out = torch.empty_like(z_pos)
-        nag_with_norms(z_pos, z_neg, sums, scale, tau, alpha, "l2", out=out, backend=backend)
-        return nag_with_norms(z_pos, z_neg, sums, scale, tau, alpha, "l2", backend=backend) + out
+        nag_with_norms(z_pos, z_neg, sums, scale, tau, alpha, norm="l2", out=out, backend=backend)
+        return nag_with_norms(z_pos, z_neg, sums, scale, tau, alpha, norm="l2", backend=backend) + out
 
     compiled = torch.compile(step, fullgraph=True, backend=counter)
     z_pos, z_neg = torch.randn(3, 5, 24), torch.randn(3, 5, 24)
@@ -234,16 +234,18 @@ def test_gradients(norm):
     # float64 on PyTorch: gradcheck of both ops (tokens with and without an active clamp).
     z_pos = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
     z_neg = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda p, n: nag_partial_norms(p, n, 3.0, norm), (z_pos, z_neg))
-    sums = nag_partial_norms(z_pos, z_neg, 3.0, norm).detach().requires_grad_()
+    torch.autograd.gradcheck(lambda p, n: nag_partial_norms(p, n, 3.0, norm=norm), (z_pos, z_neg))
+    sums = nag_partial_norms(z_pos, z_neg, 3.0, norm=norm).detach().requires_grad_()
     for tau in (1.2, 50.0):  # clamped, then never clamped
-        torch.autograd.gradcheck(lambda p, n, s: nag_with_norms(p, n, s, 3.0, tau, 0.5, norm), (z_pos, z_neg, sums))
+        torch.autograd.gradcheck(
+            lambda p, n, s, tau=tau: nag_with_norms(p, n, s, 3.0, tau, 0.5, norm=norm), (z_pos, z_neg, sums)
+        )
     # The composition equals nag's gradient; and the Triton forward's gradient the PyTorch one.
     zp, zn = (t.detach().float().requires_grad_() for t in (z_pos, z_neg))
     grads = []
     for backend in ("triton", "torch"):
-        s = nag_partial_norms(zp, zn, 3.0, norm, backend=backend)
-        out = nag_with_norms(zp, zn, s, 3.0, 1.2, 0.5, norm, backend=backend)
+        s = nag_partial_norms(zp, zn, 3.0, norm=norm, backend=backend)
+        out = nag_with_norms(zp, zn, s, 3.0, 1.2, 0.5, norm=norm, backend=backend)
         grads.append(torch.autograd.grad(out.sum(), (zp, zn)))
     expected = torch.autograd.grad(nag(zp, zn, 3.0, 1.2, 0.5, norm=norm).sum(), (zp, zn))
     for got in grads:
@@ -279,7 +281,7 @@ def test_combine_sharded_with_a_simulated_all_reduce(monkeypatch, dtype, backend
     calls = []
 
     for rank in range(2):
-        other = nag_partial_norms(*halves[1 - rank], SCALE, norm, backend="torch")
+        other = nag_partial_norms(*halves[1 - rank], SCALE, norm=norm, backend="torch")
 
         def all_reduce(tensor, group=None, other=other):
             calls.append((tensor.shape, tensor.dtype, group))
