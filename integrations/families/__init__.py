@@ -19,6 +19,7 @@ FAMILIES = {
     "zimage": "Z-Image",
     "sd3": "SD3 / SD3.5",
     "qwenimage": "Qwen-Image",
+    "hidream": "HiDream-I1",
     "wan": "Wan 2.1 / 2.2",
     "sdxl": "SDXL",
     "ltx": "LTX-Video",
