@@ -253,15 +253,6 @@ def test_meta_tensors():
         nag_merge(args[0], args[1], args[2], args[3][:, :2], args[4], args[5], **PARAMS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    args = make_inputs(1, 3, 3, 20, seed=8)
-    scalars = (5.0, 2.5, 0.25, "l1", backend)
-    torch.library.opcheck(torch.ops.nag_kernels.nag_merge.default, (*args, *scalars))
-    out = torch.empty(1, 3, 3, 20)
-    torch.library.opcheck(torch.ops.nag_kernels.nag_merge_out.default, (out, *args, *scalars))
-
-
 def test_torch_compile_fullgraph():
     args = make_inputs(1, 4, 3, 8, seed=9)
 

@@ -1,4 +1,5 @@
-"""The registered ops: opcheck, meta/fake tensors, torch.compile, and property tests over shapes and strides."""
+"""The registered ops: meta/fake tensors, torch.compile, and property tests over shapes and strides (opcheck of every
+op: tests/test_op_factory.py)."""
 
 import hypothesis.strategies as st
 import pytest
@@ -8,20 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from nag_kernels import nag, nag_reference
 
 from test_nag import assert_matches
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_nag(dtype, backend):
-    z_pos, z_neg = torch.randn(2, 3, 40).to(dtype), torch.randn(2, 3, 40).to(dtype)
-    torch.library.opcheck(torch.ops.nag_kernels.nag.default, (z_pos, z_neg, 5.0, 2.5, 0.25, "l1", backend))
-    torch.library.opcheck(torch.ops.nag_kernels.nag.default, (z_pos[:, 1:], z_neg[:, 1:], 3.0, 1.5, 0.5, "l2", backend))
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_opcheck_nag_out(backend):
-    z_pos, z_neg, out = torch.randn(4, 24), torch.randn(4, 24), torch.empty(4, 24)
-    torch.library.opcheck(torch.ops.nag_kernels.nag_out.default, (out, z_pos, z_neg, 5.0, 2.5, 0.25, "l1", backend))
 
 
 def test_op_positional_order_matches_comfyui():

@@ -136,18 +136,3 @@ def test_merge_bad_scalar_raises_under_compile():
     with pytest.raises(ValueError, match="tau must be > 0, got -1.0"):
         step(args, -1.0)
 
-
-def test_opcheck_scalar_tensor_ops():
-    z_pos, z_neg = pair()
-    scalars = [torch.tensor(v, dtype=torch.float64) for v in (5.0, 2.5, 0.25)]
-    torch.library.opcheck(torch.ops.nag_kernels.nag_scalar_tensors.default, (z_pos, z_neg, *scalars, "l2", "auto"))
-    out = torch.empty_like(z_pos)
-    torch.library.opcheck(
-        torch.ops.nag_kernels.nag_out_scalar_tensors.default, (out, z_pos, z_neg, *scalars, "l1", "torch")
-    )
-    args = merge_inputs()
-    torch.library.opcheck(torch.ops.nag_kernels.nag_merge_scalar_tensors.default, (*args, *scalars, "l1", "torch"))
-    out = torch.empty_like(args[0])
-    torch.library.opcheck(
-        torch.ops.nag_kernels.nag_merge_out_scalar_tensors.default, (out, *args, *scalars, "l1", "torch")
-    )

@@ -2,8 +2,9 @@
 
 Checked against ``nag_kernels.nag`` on one shard (no reduction), against a plain-PyTorch combine written here from
 docs/spec.md ("The combine") with the channels split over simulated ranks, on both backends (Triton through the
-interpreter on CPU); plus opcheck, meta tensors, torch.compile with changing scalars, autograd, errors, and
-``integrations.parallel.combine_sharded`` with the all-reduce simulated in one process.
+interpreter on CPU); plus meta tensors, torch.compile with changing scalars, autograd, errors, and
+``integrations.parallel.combine_sharded`` with the all-reduce simulated in one process (opcheck:
+test_op_factory.py).
 """
 
 import importlib.util
@@ -177,24 +178,6 @@ def test_out_refuses_grad():
     sums = nag_partial_norms(z_pos, z_neg, SCALE)
     with pytest.raises(RuntimeError, match="inference-only"):
         nag_with_norms(z_pos, z_neg, sums, SCALE, out=torch.empty(3, 8))
-
-
-def test_opcheck():
-    """Every op once (the float-scalar ops on Triton, their scalar-tensor twins on PyTorch: both backends are
-    compared above); strided leading dims for the twins."""
-    g = torch.Generator().manual_seed(5)
-    z_pos, z_neg = torch.randn(2, 3, 21, generator=g), torch.randn(2, 3, 21, generator=g)
-    sums = nag_partial_norms(z_pos, z_neg, SCALE)
-    ops = torch.ops.nag_kernels
-    s = [torch.tensor(v, dtype=torch.float64) for v in (SCALE, TAU, ALPHA)]
-    out = torch.empty_like(z_pos)
-    torch.library.opcheck(ops.nag_partial_norms.default, (z_pos, z_neg, SCALE, "l2", "triton"))
-    torch.library.opcheck(ops.nag_with_norms.default, (z_pos, z_neg, sums, SCALE, TAU, ALPHA, "l1", "triton"))
-    torch.library.opcheck(ops.nag_with_norms_out.default, (out, z_pos, z_neg, sums, SCALE, TAU, ALPHA, "l2", "triton"))
-    zp, zn, sp = z_pos[:, 1:], z_neg[:, 1:], sums[:, 1:]
-    torch.library.opcheck(ops.nag_partial_norms_scalar_tensors.default, (zp, zn, s[0], "l1", "torch"))
-    torch.library.opcheck(ops.nag_with_norms_scalar_tensors.default, (zp, zn, sp, *s, "l1", "torch"))
-    torch.library.opcheck(ops.nag_with_norms_out_scalar_tensors.default, (out[:, 1:], zp, zn, sp, *s, "l2", "torch"))
 
 
 def test_meta_tensors_run_without_kernel():
