@@ -23,6 +23,7 @@ FAMILIES = {
     "wan": "Wan 2.1 / 2.2",
     "sdxl": "SDXL",
     "ltx": "LTX-Video",
+    "sana": "Sana, Sana-Sprint, Sana-Video",
 }
 
 
