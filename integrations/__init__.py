@@ -27,6 +27,7 @@ families.load_all()
 from .api import apply_nag, nag, remove_nag  # noqa: E402
 from .config import NAGConfig  # noqa: E402
 from .families.flux_dropin import NAGFluxPipeline, NAGFluxTransformer2DModel  # noqa: E402
+from .guider import NAGGuidance  # noqa: E402
 from .registry import supported_models, supported_pipelines  # noqa: E402
 
 # The family modules' earlier paths (nag_kernels.integrations.flux, ...) stay importable.
@@ -41,6 +42,7 @@ __all__ = [
     "NAGConfig",
     "NAGFluxPipeline",
     "NAGFluxTransformer2DModel",
+    "NAGGuidance",
     "apply_nag",
     "nag",
     "remove_nag",

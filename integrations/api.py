@@ -12,6 +12,7 @@ import weakref
 import torch
 
 from . import caches as _caches
+from . import modular as _modular
 from . import pipeline as _pipeline
 from .config import NAGConfig
 from .forward_patch import parameter_names
@@ -182,6 +183,8 @@ def apply_nag(
         ... ).images[0]
     """
     given = dict(scale=nag_scale, tau=nag_tau, alpha=nag_alpha, end=nag_end, norm=norm, mode=mode, backend=backend)
+    if _modular.is_modular(pipe_or_transformer):  # a ModularPipeline: modular.py (docs/modular.md)
+        return _modular.apply(pipe_or_transformer, given)
     if _is_pipeline(pipe_or_transformer):
         pipe = pipe_or_transformer
         name = _pipeline.stock_class(pipe).__name__
@@ -222,6 +225,8 @@ def remove_nag(pipe_or_transformer):
     Afterwards the outputs are bit-identical to a never-patched model. A no-op on an object that is not patched.
     """
     obj = pipe_or_transformer
+    if _modular.is_modular(obj):
+        return _modular.remove(obj)
     if _is_pipeline(obj):
         _pipeline.unpatch(obj)
         obj.__dict__.pop(PIPELINE_CONFIG, None)
@@ -246,6 +251,14 @@ def nag(pipe_or_transformer, **settings):
         >>> image = pipe("a cat").images[0]  # the stock pipeline again
     """
     obj = pipe_or_transformer
+    if _modular.is_modular(obj):
+        before = _modular.own_config(obj)
+        apply_nag(obj, **settings)
+        try:
+            yield obj
+        finally:
+            _modular.remove(obj) if before is None else _modular.restore_config(obj, before)
+        return
     before = _own_config(obj)
     apply_nag(obj, **settings)
     try:
