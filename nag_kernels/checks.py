@@ -157,13 +157,15 @@ def may_self_overlap(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share an address. The dims of size > 1 sorted by stride must each step past
     every element the smaller ones reach (``stride > sum((size - 1) * stride)`` of those): a proof of distinct
     elements that every layout from slicing, transposing, permuting or ``narrow`` passes; a stride 0 (``expand``)
-    fails it, and so would an exotic ``as_strided`` whose elements happen to be distinct. Symbolic sizes (while
-    ``torch.compile`` traces) are not asked, to not add guards; the real run checks the concrete tensor."""
-    dims = [(t.stride(d), t.size(d)) for d in range(t.dim())]
+    fails it, and so would an exotic ``as_strided`` whose elements happen to be distinct. Not asked while
+    ``torch.compile`` traces, nor of symbolic sizes, to not add guards: the real run checks the concrete tensor."""
+    if torch.compiler.is_compiling() or t.is_contiguous():
+        return False
+    dims = [(stride, size) for stride, size in zip(t.stride(), t.shape) if type(size) is not int or size > 1]
     if not all(type(stride) is int and type(size) is int for stride, size in dims):
         return False
     reach = 0
-    for stride, size in sorted(d for d in dims if d[1] > 1):
+    for stride, size in sorted(dims):
         if stride <= reach:
             return True
         reach += stride * (size - 1)
@@ -172,7 +174,11 @@ def may_self_overlap(t: torch.Tensor) -> bool:
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     start = t.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    last = 0
+    for size, stride in zip(t.shape, t.stride()):
+        last += (size - 1) * stride
     return start, start + (last + 1) * t.element_size()
 
 
@@ -199,7 +205,7 @@ def overlaps_other_than_alias(out: torch.Tensor, inputs) -> bool:
         return False
     lo, hi = _byte_span(out)
     for t in inputs:
-        if t.numel() == 0:
+        if t is out or t.numel() == 0:  # ``out=z_pos`` itself: the same view
             continue
         t_lo, t_hi = _byte_span(t)
         if t_lo < hi and lo < t_hi and not same_view(out, t):

@@ -14,6 +14,11 @@ Two kernels, chosen by ``launch_config`` from the row length:
 
 Rows are addressed through (outer, inner) strides, so leading dims may be strided views such as
 ``hidden[:, text_len:]`` and are never copied; row offsets are int64, so tensors past 2**31 elements work.
+
+``scale == 1`` (NAG off) is the ``NAG_OFF`` constexpr, set by the launcher from the launch's Python float: the kernel
+stores ``z_pos`` as it was read (exactly, in any dtype) instead of the blend. ``out`` may be ``z_pos`` or ``z_neg``
+(the same view); any other overlap with an input is the caller's to avoid (the ops and ``nag_triton`` compute into a
+temporary then), since a program could overwrite a token another program has still to read.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_last_dim_contiguous, check_like, check_pair, check_params
+from .checks import check_out, check_pair, check_params, overlaps_other_than_alias
 
 # The widest row kept whole in registers; wider rows go through the chunked kernel.
 MAX_BLOCK_C = 8192
@@ -216,13 +221,16 @@ def nag_triton(
 ) -> torch.Tensor:
     """Launch the fused kernel on ``[..., C]`` tensors; returns ``out`` (a new contiguous tensor when not given).
 
-    ``out`` may alias ``z_pos`` or ``z_neg``: each element is read before it is written by the same program.
+    ``out`` may be ``z_pos`` or ``z_neg`` (the same view): each element is read before the same program writes it.
+    An ``out`` that overlaps them otherwise is computed into a temporary and copied; one whose own elements overlap
+    is refused.
     """
     check_pair(z_pos, z_neg)
     check_params(scale, tau, alpha, norm)
     if out is not None:
-        check_like("out", out, "z_pos", z_pos)
-        check_last_dim_contiguous("out", out)
+        check_out(out, z_pos)
+        if overlaps_other_than_alias(out, (z_pos, z_neg)):
+            return out.copy_(launch_nag(z_pos, z_neg, scale, tau, alpha, norm))
     return launch_nag(z_pos, z_neg, scale, tau, alpha, norm, out)
 
 

@@ -12,6 +12,8 @@ every token and head ``h`` the kernel merges each branch with the shared part::
 over all heads in float32, clamp at ``tau``, blend with ``alpha``. Nothing intermediate goes to memory: a token's
 three ``[H, D]`` tiles are read once and the output is written once, ``4 * C * itemsize`` bytes per token plus
 ``3 * H`` LSE floats. Semantics are ``reference.nag_merge_reference``; the tests compare against it in float64.
+``scale == 1`` (NAG off) is the ``NAG_OFF`` constexpr, set from the launch's Python float: the merged ``z_pos`` is
+stored as it is, whatever ``tau`` and ``alpha``.
 
 Layout: ``o_*`` and ``out`` are ``[B, N, H, D]`` (diffusers' ``dispatch_attention_fn`` layout), last dim contiguous,
 B/N/H strides arbitrary; ``lse_*`` are ``[B, N, H]`` float32 with arbitrary strides (``lse.transpose(1, 2)`` of

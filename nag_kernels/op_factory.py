@@ -227,6 +227,7 @@ class Op:
         self.n_tensors, self.n_scalars = len(spec.tensors), len(spec.scalars)
         self.main_index = spec.tensors.index(spec.main)
         self.variants: dict[str, torch._library.custom_ops.CustomOpDef] = {}
+        self.public_function: Callable | None = None  # set by ``public``
         for out in (False, True) if spec.has_out else (False,):
             for scalar_tensors in (False, True):
                 self._register(out, scalar_tensors)

@@ -211,6 +211,18 @@ def test_overlap_through_the_op(backend):
     assert_matches(buffer[1:], expected, torch.float32)
 
 
+def test_the_checked_triton_launcher_applies_the_rule():
+    from nag_kernels.combine import nag_triton
+
+    buffer = randn(N + 1, C, seed=25)
+    z_pos, z_neg = buffer[:N], randn(N, C, seed=26)
+    expected = nag_reference(z_pos.double(), z_neg.double(), *SCALARS)
+    assert nag_triton(z_pos, z_neg, *SCALARS, out=buffer[1:]) is not None
+    assert_matches(buffer[1:], expected, torch.float32)
+    with pytest.raises(ValueError, match="out must not have overlapping elements"):
+        nag_triton(z_pos, z_neg, *SCALARS, out=torch.empty(1, C).expand(N, C))
+
+
 def test_overlap_under_compile():
     torch._dynamo.reset()
 
