@@ -310,8 +310,10 @@ def _check_rows(kw: dict, count: int) -> None:
 
 
 def _check(model, kw: dict, batch: int) -> None:
+    """Before a guided forward (``batch`` latent rows; the text rows are ``2 * batch``, or ``batch + g`` under batched
+    CFG), also one whose NAG is off at this step."""
     _refuse_parallel(getattr(model, "_parallel_config", None))
-    _check_rows(kw, 2 * batch)
+    _check_rows(kw, rows(kw.get(T5)))
 
 
 class HiDreamFamily(Family):
