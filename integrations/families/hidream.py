@@ -398,7 +398,7 @@ def _shape_text(shape, dim: int) -> str:
 def _rows_of(name: str, x: torch.Tensor, images: int, per_image: int, dim: int) -> torch.Tensor:
     """A pre-encoded negative with 1, one per prompt or one per image rows (along ``dim``) -> one per image."""
     prompts = images // per_image
-    if x.dim() < dim + 2:
+    if (x.dim() != 4) if dim else (x.dim() < 2):
         where = "[layers, rows, tokens, dim]" if dim else "a batch dim and the prompt's per-row shape"
         raise ValueError(f"{name} must have {where}, got {tuple(x.shape)}")
     n = x.shape[dim]
