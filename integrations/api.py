@@ -46,17 +46,17 @@ def _settings(family, pipeline_name: str | None, given: dict) -> NAGConfig:
 
 
 def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
-    """Patch ``model`` (or re-patch it: a second apply updates the settings and re-wraps processors set since, never
-    stacks) for ``owner`` (a pipeline) or for direct calls (``owner=None``). Undoes itself when it fails."""
+    """Patch ``model`` for ``owner`` (a pipeline) or for direct calls (``owner=None``); on a patched model, update
+    the settings and wrap the stock processors set since (never stacks, never unpatches). Undoes itself when it
+    fails."""
     _check_not_compiled(model, where)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"apply_nag expects a diffusers pipeline or model, got {type(model).__name__}")
     family = family_for(model)
     _caches.check_model(model)  # diffusers caches NAG refuses (caches.py), before anything is patched
     state = state_of(model)
-    if state is not None:
-        uninstall(family, model, state.installed)
-        state.installed = install(family, model)
+    if state is not None:  # add only what is missing: forwards of other requests may be running on this model
+        state.installed.merge(install(family, model))
         state.config = config
     else:
         installed = install(family, model)

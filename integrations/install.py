@@ -3,7 +3,12 @@
 ``install(family, model)`` wraps the stock processor of every attention module of the family's ``processors``
 classes, gives the declared modules their shared forwards (``ForwardPatch``) and methods (``MethodPatch``), and runs
 the family's own ``patch`` if it has one; it returns an ``Installed`` record, and ``uninstall`` undoes all of it in
-reverse order. A failure half-way undoes what was done before re-raising, so a refused install leaves nothing behind.
+reverse order. A failure half-way undoes what that call did before re-raising, so a refused install leaves nothing
+behind.
+
+Installing on a model that is already patched only adds what is missing (stock processors set since, e.g. by a
+diffusers loader) and touches nothing in place: other requests may be running forwards on the shared model at that
+moment, so NAG's processors and forwards must never be taken out and put back (``Installed.merge``).
 ``check_processors`` refuses a guided forward when an attention module no longer has NAG's processor.
 """
 
@@ -30,6 +35,16 @@ class Installed:
     custom: object = None
     attention: tuple = ()
 
+    def merge(self, more: "Installed") -> None:
+        """Add what a later ``install`` on the same model did (it only adds what was missing)."""
+        self.processors.update(more.processors)
+        known = {(id(module), fn) for module, fn, _ in self.forwards}
+        self.forwards += [item for item in more.forwards if (id(item[0]), item[1]) not in known]
+        self.methods += more.methods
+        if self.custom is None:
+            self.custom = more.custom
+        self.attention = more.attention
+
 
 def _targets(spec, model):
     for item in spec.modules(model):
@@ -50,7 +65,7 @@ def install(family, model: torch.nn.Module) -> Installed:
                 if spec.name not in module.__dict__:
                     module.__dict__[spec.name] = types.MethodType(spec.fn, module)
                     done.methods.append((module, spec.name, spec.fn))
-        if family.patch is not None:
+        if family.patch is not None and not getattr(model, "_nag_state", None):
             done.custom = family.patch(model)
         done.attention = tuple(
             (name, module, processor_cls)
@@ -60,12 +75,14 @@ def install(family, model: torch.nn.Module) -> Installed:
             and (family.guided_attention is None or family.guided_attention(name, module))
         )
     except BaseException:
-        uninstall(family, model, done)
+        uninstall(family, model, done, everything=False)
         raise
     return done
 
 
-def uninstall(family, model: torch.nn.Module, done: Installed) -> None:
+def uninstall(family, model: torch.nn.Module, done: Installed, everything: bool = True) -> None:
+    """Undo ``done``. ``everything``: also unwrap NAG processors ``done`` does not list (ones a diffusers loader
+    built after ``apply_nag``); else only the processors ``done`` replaced (undoing one failed ``install``)."""
     if family.restore is not None and done.custom is not None:
         family.restore(model, done.custom)
     for module, name, fn in reversed(done.methods):
@@ -76,7 +93,7 @@ def uninstall(family, model: torch.nn.Module, done: Installed) -> None:
         # pass-through (it acts only on a guided forward), and a later apply_nag reuses it.
         forward_patch.unpatch(module, fn, names)
     for attention_cls, processor_cls in family.processors.items():
-        restore_processors(model, attention_cls, processor_cls, done.processors)
+        restore_processors(model, attention_cls, processor_cls, done.processors, only_replaced=not everything)
 
 
 def check_processors(family, model: torch.nn.Module) -> None:

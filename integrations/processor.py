@@ -87,12 +87,15 @@ def wrap_processors(model: torch.nn.Module, attention_cls: type, processor_cls: 
     return replaced
 
 
-def restore_processors(model: torch.nn.Module, attention_cls: type, processor_cls: type, processors: dict) -> None:
+def restore_processors(model: torch.nn.Module, attention_cls: type, processor_cls: type, processors: dict,
+                       only_replaced: bool = False) -> None:
     """Undo ``wrap_processors``: our processors go back to the ones they replaced (or to the stock processor they
-    wrap, for ours that a diffusers loader built after ``apply_nag``); a processor the user set later stays."""
+    wrap, for ours that a diffusers loader built after ``apply_nag``, unless ``only_replaced``); a processor the user
+    set later stays."""
     for name, module in model.named_modules():
         if isinstance(module, attention_cls) and isinstance(module.processor, processor_cls):
-            module.set_processor(processors.get(name, module.processor.inner))
+            if name in processors or not only_replaced:
+                module.set_processor(processors.get(name, module.processor.inner))
 
 
 def check_processors(model: torch.nn.Module, attention_cls: type, processor_cls: type) -> None:
