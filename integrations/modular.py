@@ -399,6 +399,9 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
         values = {name: state.get(name) for name in SETTINGS}
         config = base.replace(**{name[len("nag_"):]: value for name, value in values.items()})
         negatives = {name: state.get(name) for name in adapter.names}
+        check_values = getattr(adapter, "check_values", None)
+        if check_values is not None:
+            check_values(negatives)
         adapter.check(negatives)
         given = any(value is not None for value in negatives.values()) or values["nag_scale"] is not None
         if config.scale <= 1 or not (given or always):
