@@ -20,11 +20,15 @@ without parallelism they are ``split_attention``'s functions, unchanged. docs/pa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 import nag_kernels
 from nag_kernels.attention import attention_with_lse
+from nag_kernels.compute import records_grad
+from nag_kernels.reference import merge_attention_reference
 
 
 def tp_group_of(attn: torch.nn.Module):
@@ -43,29 +47,24 @@ def image_attention(q, k, v, text_k, text_v, nag, *, parallel_config=None, group
     """``split_attention.image_attention`` under parallelism: same arguments and result (this rank's queries, and
     under tensor parallelism this rank's heads ``[B, N, H / tp * D]``).
 
-    ``parallel_config``: the processor's ``ParallelConfig`` (context parallelism: both parts run through
-    ``cp_attention_with_lse``, the merge and combine locally); ``group``: the TP group (``tp_group_of``: the merge per
-    head, the combine with all-reduced norms). Neither: ``split_attention.image_attention`` itself.
+    One split path for all three cases; this only chooses its attention and merge functions. ``parallel_config``:
+    the processor's ``ParallelConfig`` (context parallelism: both parts run through ``cp_attention_with_lse``, the
+    merge and combine locally); ``group``: the TP group (``tp_group_of``: the merge per head, the combine with
+    all-reduced norms, ``merge_combine_sharded``). Neither: ``split_attention.image_attention`` as it is.
     """
-    from .split_attention import image_attention as plain
+    from .split_attention import image_attention as split
 
     cp = parallel_config if getattr(parallel_config, "context_parallel_config", None) is not None else None
     if cp is None and group is None:
-        return plain(q, k, v, text_k, text_v, nag, **({} if text_mask is None else {"text_mask": text_mask}))
+        return split(q, k, v, text_k, text_v, nag, text_mask)
     if text_mask is not None:
         raise ValueError("NAG's split image attention takes no text_mask under context or tensor parallelism")
-    attend = (lambda *t: cp_attention_with_lse(*t, cp)) if cp is not None else attention_with_lse
-    batch = q.shape[0]
-    o_image, lse_image = attend(q, k, v)  # [B, N, H, D], [B, N, H]
-    o_text, lse_text = attend(torch.cat([q, q]), text_k, text_v)  # [2B, N, H, D]
-    parts = (o_image, lse_image, o_text[:batch], lse_text[:batch], o_text[batch:], lse_text[batch:])
+    functions = {}
+    if cp is not None:
+        functions["attention"] = functools.partial(cp_attention_with_lse, config=cp)
     if group is not None:
-        out = merge_combine_sharded(*parts, nag, group)
-    else:
-        out = nag_kernels.nag_merge(
-            *parts, nag.scale, nag.tau, nag.alpha, norm=nag.norm, backend=nag.backend
-        )
-    return out.flatten(2, 3).to(q.dtype)
+        functions["merge"] = functools.partial(merge_combine_sharded, group=group)
+    return split(q, k, v, text_k, text_v, nag, **functions)
 
 
 def combine(z_pos, z_neg, nag, group=None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,7 +90,11 @@ def _forward_op(
 
 
 def _backward_op(ctx, grad_out, *args, **kwargs):
-    raise NotImplementedError("NAG's context-parallel split attention is inference-only (no backward)")
+    # diffusers' CP templates pass a backward op no gradient of the LSE, which the split attention's merge needs.
+    raise NotImplementedError(
+        "NAG's context-parallel split attention is inference-only (no backward): run it under torch.no_grad(), or "
+        "backpropagate without context parallelism"
+    )
 
 
 def cp_attention_with_lse(q, k, v, config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,22 +111,6 @@ def cp_attention_with_lse(q, k, v, config) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def lse_merge(o_a, lse_a, o_b, lse_b) -> torch.Tensor:
-    """The LSE merge (docs/spec.md, "The LSE merge") of two partial attentions ``o_* [B, S, H, D]`` with
-    ``lse_* [B, S, H]``, in float32 (float64 for float64): ``[B, S, H, D]``; both parts empty -> 0."""
-    dtype = _compute_dtype(o_a)
-    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
-    top = torch.maximum(lse_a, lse_b)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    w_a, w_b = torch.exp(lse_a - top).unsqueeze(-1), torch.exp(lse_b - top).unsqueeze(-1)
-    total = w_a + w_b
-    return (w_a * o_a.to(dtype) + w_b * o_b.to(dtype)) / total.masked_fill(total == 0, 1.0)
-
-
 def combine_sharded(z_pos, z_neg, nag, group, out: torch.Tensor | None = None) -> torch.Tensor:
     """The NAG combine (docs/spec.md, "The combine") of tokens whose channels ``[..., C / tp]`` are spread over the
     ranks of ``group``: the partial norms are all-reduced (a ``[..., 2]`` float32 tensor) before the clamp. Same
@@ -136,11 +123,17 @@ def combine_sharded(z_pos, z_neg, nag, group, out: torch.Tensor | None = None) -
         z_neg = z_neg.to(z_pos.dtype)
     # The ops want the channel dim contiguous (leading dims may be strided); copy only where it is not.
     z_pos, z_neg = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (z_pos, z_neg))
-    sums = nag_kernels.nag_partial_norms(z_pos, z_neg, nag.scale, nag.norm, backend=nag.backend)
-    dist.all_reduce(sums, group=group)
+    sums = nag_kernels.nag_partial_norms(z_pos, z_neg, nag.scale, norm=nag.norm, backend=nag.backend)
+    if records_grad(sums):  # differentiable: the gradient of an all-reduced sum is the all-reduced gradient
+        from torch.distributed.nn.functional import all_reduce
+
+        sums = all_reduce(sums, group=group)
+    else:
+        dist.all_reduce(sums, group=group)
     direct = out is None or (out.dtype == z_pos.dtype and (out.shape[-1] <= 1 or out.stride(-1) == 1))
     result = nag_kernels.nag_with_norms(
-        z_pos, z_neg, sums, nag.scale, nag.tau, nag.alpha, nag.norm, out if direct else None, backend=nag.backend
+        z_pos, z_neg, sums, nag.scale, nag.tau, nag.alpha, norm=nag.norm, out=out if direct else None,
+        backend=nag.backend,
     )
     if out is None or result is out:
         return result
@@ -150,7 +143,7 @@ def combine_sharded(z_pos, z_neg, nag, group, out: torch.Tensor | None = None) -
 def merge_combine_sharded(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, nag, group) -> torch.Tensor:
     """``nag_merge`` for heads spread over ``group`` (tensor parallelism): the two LSE merges per head, then
     ``combine_sharded`` over the token's heads on all ranks. ``o_* [B, S, H / tp, D]`` -> ``[B, S, H / tp, D]``."""
-    z_pos = lse_merge(o_shared, lse_shared, o_pos, lse_pos)
-    z_neg = lse_merge(o_shared, lse_shared, o_neg, lse_neg)
+    z_pos = merge_attention_reference(o_shared, lse_shared, o_pos, lse_pos)  # docs/spec.md, "The LSE merge"
+    z_neg = merge_attention_reference(o_shared, lse_shared, o_neg, lse_neg)
     out = combine_sharded(z_pos.flatten(-2), z_neg.flatten(-2), nag, group)
     return out.unflatten(-1, o_pos.shape[-2:]).to(o_pos.dtype)

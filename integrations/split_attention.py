@@ -14,6 +14,11 @@ branch, go through ``dispatch_attention_fn`` with the user's attention backend.
 
 ``branch_join`` builds each branch's joint key/value sequence with the image rows written once per branch, in either
 token order, for the attention of the text queries.
+
+Everything here is differentiable (NAG-guided fine-tuning and distillation backpropagate through it): the LSEs of
+``attention_with_lse`` carry their gradient, and the merge and combine ops have autograd formulas. The in-place
+``combine(..., out=...)`` is inference-only: callers pass ``out`` only where ``nag_kernels.compute.records_grad`` is
+false.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 import nag_kernels
 from nag_kernels.attention import attention_with_lse
+from nag_kernels.compute import compute_dtype
 
 
 def heads(head_dim: int, q, k, v, norm_q=None, norm_k=None):
@@ -59,7 +65,7 @@ def masked_attention_with_lse(q, k, v, key_mask: torch.Tensor):
     ``attention_with_lse``: float32 math (float64 for float64), a query whose keys are all masked gets ``out = 0``
     and ``lse = -inf`` (the LSE merge's empty part).
     """
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q)
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))  # [B, H, S, D]
     scores = (qh @ kh.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, Nq, Nk]
     if key_mask.is_floating_point():
@@ -72,7 +78,18 @@ def masked_attention_with_lse(q, k, v, key_mask: torch.Tensor):
     return out, lse.transpose(1, 2)
 
 
-def image_attention(q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+def merge_combine(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, nag) -> torch.Tensor:
+    """``nag_kernels.nag_merge`` of the parts with the call's settings: ``[B, N, H, D]``."""
+    return nag_kernels.nag_merge(
+        o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, nag.scale, nag.tau, nag.alpha, norm=nag.norm,
+        backend=nag.backend,
+    )
+
+
+def image_attention(
+    q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None = None, *, attention=attention_with_lse,
+    merge=merge_combine,
+) -> torch.Tensor:
     """NAG-combined attention of the image queries over each branch's joint sequence, split and merged.
 
     Args:
@@ -83,6 +100,10 @@ def image_attention(q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None
             scores, as SDPA's ``attn_mask``), e.g. the
             padding of Chroma's and Qwen-Image's prompts; only the image-to-text part has text keys, so only it is
             masked (``masked_attention_with_lse``). ``None``: every text key counts.
+        attention: ``(q, k, v) -> (out [B', Nq, H, D], lse [B', Nq, H])``, the attention of the unmasked parts;
+            ``attention_with_lse`` by default (context parallelism passes its CP attention: ``parallel``).
+        merge: ``(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, nag) -> [B, N, H, D]``, the two LSE merges
+            and the combine; ``merge_combine`` (``nag_merge``) by default (tensor parallelism passes its sharded one).
 
     Returns:
         ``[B, N, H * D]`` in q's dtype: ``nag(attn_pos, attn_neg)`` where ``attn_b`` is the attention of ``q`` over
@@ -90,32 +111,21 @@ def image_attention(q, k, v, text_k, text_v, nag, text_mask: torch.Tensor | None
         keys (once) and over ``text_b``.
     """
     batch = q.shape[0]
-    o_image, lse_image = attention_with_lse(q, k, v)  # [B, N, H, D], [B, N, H]
+    o_image, lse_image = attention(q, k, v)  # [B, N, H, D], [B, N, H]
     if text_mask is None:
-        o_text, lse_text = attention_with_lse(torch.cat([q, q]), text_k, text_v)  # [2B, N, H, D]
+        o_text, lse_text = attention(torch.cat([q, q]), text_k, text_v)  # [2B, N, H, D]
     else:
         if text_mask.shape != text_k.shape[:2]:
             raise ValueError(f"text_mask must have shape {tuple(text_k.shape[:2])} (text rows, text tokens), got "
                              f"{tuple(text_mask.shape)}")
         o_text, lse_text = masked_attention_with_lse(torch.cat([q, q]), text_k, text_v, text_mask)
-    out = nag_kernels.nag_merge(
-        o_image,
-        lse_image,
-        o_text[:batch],
-        lse_text[:batch],
-        o_text[batch:],
-        lse_text[batch:],
-        nag.scale,
-        nag.tau,
-        nag.alpha,
-        norm=nag.norm,
-        backend=nag.backend,
-    )
+    out = merge(o_image, lse_image, o_text[:batch], lse_text[:batch], o_text[batch:], lse_text[batch:], nag)
     return out.flatten(2, 3).to(q.dtype)
 
 
 def combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``nag_kernels.nag`` with the call's settings (``"auto"`` picks a backend that takes the dtype)."""
+    """``nag_kernels.nag`` with the call's settings (``"auto"`` picks a backend that takes the dtype). ``out``
+    (in place) only where autograd records nothing (``nag_kernels.compute.records_grad``)."""
     return nag_kernels.nag(
         z_pos, z_neg, nag.scale, nag.tau, nag.alpha, norm=nag.norm, out=out, backend=nag.backend
     )

@@ -39,6 +39,10 @@ it materializes the ``[B, H, Nq, Nk]`` scores, so it is a fallback, not a fast p
 ``v`` with the same head count and head dim and a contiguous last dim, and one non-empty query (``Nq``/``Nk`` of 0
 go to ``"math"``). No dropout, mask or causal option: fast mode needs none.
 
+Autograd: ``out`` and ``lse`` are both differentiable w.r.t. ``q``, ``k``, ``v`` on every path. ``out`` through the
+kernel op's own backward; ``lse``, which the kernel ops return detached, through ``_KernelLSE`` (its backward runs one
+more attention forward and backward of the same kernel); the ``"math"`` path through its ``logsumexp``.
+
 Verification: the CPU paths run in the tests (compared with one attention over concatenated keys). The CUDA paths
 cannot run on the development machine; they are written against the op schemas of torch 2.11-2.13 and checked only
 on meta tensors (output shapes, dtypes, strides, the LSE slicing, FLOP counts).
@@ -56,6 +60,8 @@ import math
 
 import torch
 from torch.utils import flop_counter
+
+from .compute import compute_dtype, records_grad
 
 aten = torch.ops.aten
 
@@ -192,7 +198,7 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, backend: str = "auto") -> s
 
 
 def _math(q, k, v, scale):
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
     scores = torch.matmul(q.to(dtype) * scale, k.to(dtype).transpose(-1, -2))  # [B, H, Nq, Nk]
     lse = torch.logsumexp(scores, dim=-1)  # -inf for zero keys
     probs = torch.exp(scores - lse[..., None])
@@ -213,6 +219,43 @@ def _run(backend, q, k, v, scale):
     if backend == "cpu_flash":
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=None, scale=scale)
     return _math(q, k, v, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd through the LSE. The kernels' ops differentiate ``out`` only: their LSE output is declared
+# non-differentiable (``output_differentiability`` in PyTorch's derivatives.yaml), so it comes back detached, and a
+# loss that reaches q or k through the LSE (every LSE merge does) would silently lose that part of its gradient.
+# ``_KernelLSE`` puts it back. With P = softmax(scale * q k^T), the gradient of lse_i = log sum_j exp(scale q_i . k_j)
+# for an incoming gradient g is
+#
+#     d q_i = scale * g_i * (P k)_i        d k_j = scale * (P^T (g * q))_j
+#
+# that is, the output of one more attention of q over the keys with the keys as values, and the value-gradient of
+# that attention for the output gradient ``scale * g * q``: one forward and one backward of the same kernel, run in
+# the backward pass only (and only when the LSE receives a gradient).
+
+
+class _KernelLSE(torch.autograd.Function):
+    """``lse`` (a kernel's detached LSE of ``q`` over ``k``, ``[B, H, Nq]``) returned as is, with its gradient
+    w.r.t. ``q`` and ``k`` (``[B, H, N, D]``) computed by ``backend``'s kernel (see above)."""
+
+    @staticmethod
+    def forward(ctx, q, k, lse, backend: str, scale: float):
+        ctx.save_for_backward(q, k)
+        ctx.backend, ctx.scale = backend, scale
+        return lse.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lse):
+        q, k = ctx.saved_tensors
+        weight = (grad_lse * ctx.scale).unsqueeze(-1)  # [B, H, Nq, 1], the LSE's dtype (float32 or float64)
+        with torch.enable_grad():
+            values = k.detach().requires_grad_()
+            p_k = _run(ctx.backend, q.detach(), k.detach(), values, ctx.scale)[0]  # P k: [B, H, Nq, D]
+            (grad_k,) = torch.autograd.grad(p_k, values, (weight * q).to(p_k.dtype))  # P^T (scale * g * q)
+        grad_q = (weight * p_k.detach()).to(q.dtype)
+        return grad_q, grad_k.to(k.dtype), None, None, None
 
 
 def attention_with_lse(
@@ -247,7 +290,10 @@ def attention_with_lse(
     _check_inputs(q, k, v, scale)
     backend = choose_backend(q, k, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = _run(backend, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out, lse = _run(backend, qh, kh, vh, scale)
+    if backend != "math" and records_grad(q, k):  # the math path differentiates its LSE itself
+        lse = _KernelLSE.apply(qh, kh, lse, backend, scale)
     out = out.transpose(1, 2)
     if out.shape[-1] > 1 and out.stride(-1) != 1:  # every kernel above returns a contiguous last dim; keep it a promise
         out = out.contiguous()

@@ -14,7 +14,8 @@ through ``joint_attention_kwargs["nag"]``):
   rows): exactly the attention over ``[text_b ; image]`` (``split_attention.image_attention``). With an attention
   mask, a context-parallel config or a non-PyTorch attention backend, exact mode runs the unsplit per-branch
   attention through ``dispatch_attention_fn`` instead. Exact-mode single blocks: the image part of the attention
-  output is combined and written into both halves before the MLP concat and ``proj_out``.
+  output is combined and written into both halves before the MLP concat and ``proj_out`` (in place, or out of place
+  where autograd records the forward).
 - ``_single_block_forward`` replaces every single block's ``forward``. Exact mode: the first one tiles the image
   tokens to ``2B``, the last one keeps the positive half. Fast mode: each block runs ``flux_fast.fast_single_block``
   (the image stays at ``B`` rows).
@@ -38,6 +39,8 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformer2DModel,
     _get_qkv_projections,
 )
+
+from nag_kernels.compute import records_grad
 
 from .. import forward_patch, parallel
 from ..family import Family, ForwardPatch
@@ -143,6 +146,9 @@ class NAGFluxAttnProcessor(NAGProcessor):
         out = self.attend(query, key, value, attention_mask)  # [2B, T + N, C]
         image = out[:, text_len:]
         group = parallel.tp_group_of(attn)
+        if records_grad(out):  # autograd records this forward: out of place (the in-place combine is inference-only)
+            guided = parallel.combine(image[:batch], image[batch:], nag, group)  # [B, N, C]
+            return torch.cat([out[:, :text_len], torch.cat([guided, guided])], dim=1)
         parallel.combine(image[:batch], image[batch:], nag, group, out=image[:batch])  # in place, positive half
         image[batch:].copy_(image[:batch])  # the authors write the guided tokens into both halves
         return out
