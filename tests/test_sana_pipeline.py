@@ -10,6 +10,8 @@ Sana-Sprint has no CFG path and encodes it as a prompt without the instruction.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from diffusers import SanaControlNetPipeline, SanaPipeline, SanaSprintImg2ImgPipeline, SanaSprintPipeline
@@ -32,12 +34,14 @@ def gen():
 
 def negative(pipe, prompts, negatives, per_image=1):
     """The NAG negative's embeddings and mask, encoded as the pipeline encodes its own negative prompt."""
+    per = "num_videos_per_prompt" if "num_videos_per_prompt" in inspect.signature(pipe.encode_prompt).parameters \
+        else "num_images_per_prompt"
     with torch.no_grad():
         if isinstance(pipe, (SanaSprintPipeline, SanaSprintImg2ImgPipeline)):
-            return pipe.encode_prompt(negatives, num_images_per_prompt=per_image, complex_human_instruction=None,
-                                      max_sequence_length=sana_toy.SEQ_LEN)
-        out = pipe.encode_prompt(prompts, True, negative_prompt=negatives, num_images_per_prompt=per_image,
-                                 max_sequence_length=sana_toy.SEQ_LEN)
+            return pipe.encode_prompt(negatives, complex_human_instruction=None, max_sequence_length=sana_toy.SEQ_LEN,
+                                      **{per: per_image})
+        out = pipe.encode_prompt(prompts, True, negative_prompt=negatives, max_sequence_length=sana_toy.SEQ_LEN,
+                                 **{per: per_image})
     return out[2], out[3]
 
 
