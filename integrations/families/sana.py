@@ -112,9 +112,6 @@ class _SanaCrossAttention(NAGProcessor):
         text = encoder_hidden_states[0].unflatten(0, (-1, nag.text_len))  # [L + g, T, C]
         mask_pos = mask_neg = None
         if attention_mask is not None:  # [L + g, 1, T] bias (the model's -10000) -> [L + g, heads, 1, T]
-            if attention_mask.shape[0] != text.shape[0]:  # (the batched-CFG path of the pre-hook does not check it)
-                raise ValueError(f"encoder_attention_mask must have one row per row of encoder_hidden_states "
-                                 f"({text.shape[0]}), got {attention_mask.shape[0]}")
             mask = attn.prepare_attention_mask(attention_mask, nag.text_len, text.shape[0])
             mask = mask.view(text.shape[0], attn.heads, -1, mask.shape[-1])
             mask_pos, mask_neg = mask[:latent_rows], mask[latent_rows:]
@@ -157,6 +154,9 @@ def _check(model, kw: dict, batch: int) -> None:
         raise ValueError(f"encoder_hidden_states must be [2B, T, caption_channels={width}] in a NAG call, got "
                          f"{tuple(text.shape)}")
     mask = kw.get("encoder_attention_mask")
+    if mask is not None and mask.shape[0] != text.shape[0]:  # batched CFG: the pre-hook checks only 2B calls
+        raise ValueError(f"encoder_attention_mask must have one row per row of encoder_hidden_states "
+                         f"({text.shape[0]}), got {mask.shape[0]}")
     if mask is not None and mask.shape[-1] != text.shape[1]:
         raise ValueError(f"encoder_attention_mask must have the {text.shape[1]} tokens of encoder_hidden_states, got "
                          f"{tuple(mask.shape)}")
@@ -180,8 +180,7 @@ def _noise_level(timestep: torch.Tensor) -> torch.Tensor:
 
 class SanaFamily(Family):
     """Sana's family: ``nag_end`` needs the model's timestep scale (Sana-Sprint's SCM timestep is in [0, 1]). The
-    pre-hook calls ``check_guided`` right before it tests ``nag_end`` (``guided.is_on``); the batched-CFG path (Sana,
-    ControlNet: never Sprint) does not call it and gets the factor 1."""
+    pre-hook calls ``check_guided`` right before it tests ``nag_end`` (``guided.is_on``), in both guided paths."""
 
     def check_guided(self, model, kw: dict, batch: int) -> None:
         super().check_guided(model, kw, batch)
