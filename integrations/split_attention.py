@@ -69,7 +69,9 @@ def masked_attention_with_lse(q, k, v, key_mask: torch.Tensor):
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))  # [B, H, S, D]
     scores = (qh @ kh.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, Nq, Nk]
     if key_mask.is_floating_point():
-        scores = scores + key_mask.to(compute)[:, None, None, :]
+        bias = key_mask.to(compute)[:, None, None, :]
+        blocked = torch.isneginf(bias)  # as masked keys: masked_fill keeps an all-masked row's NaN out of the gradient
+        scores = (scores + bias.masked_fill(blocked, 0.0)).masked_fill(blocked, float("-inf"))
     else:
         scores = scores.masked_fill(~key_mask.to(torch.bool)[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Nq]; -inf where every key is masked

@@ -79,6 +79,21 @@ def test_split_image_attention_gradcheck(mask):
     gradcheck(lambda *t: split_attention.image_attention(*t, NAG, text_mask), (q, k, v, text_k, text_v))
 
 
+def test_a_branch_whose_text_keys_are_all_masked_has_finite_gradients():
+    """An all-masked text part (``lse = -inf``, the merge's empty part) adds nothing, in the gradient too: a float
+    mask of ``-inf`` gives the gradients of the bool mask, finite."""
+    B, N, T, H, D = 1, 4, 3, 2, 8
+    inputs = [rand(B, N, H, D, seed=s) for s in (15, 16, 17)] + [rand(2 * B, T, H, D, seed=s) for s in (18, 19)]
+    keep = torch.tensor([[True, True, False], [False, False, False]])
+    grads = []
+    for mask in (keep, torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))):
+        out = split_attention.image_attention(*inputs, NAG, mask)
+        grads.append(torch.autograd.grad(out.square().sum(), inputs))
+    for from_bool, from_float in zip(*grads):
+        assert torch.isfinite(from_float).all()
+        torch.testing.assert_close(from_float, from_bool, rtol=0, atol=1e-14)
+
+
 def test_tensor_parallel_merge_and_combine_are_differentiable(monkeypatch):
     """``parallel.merge_combine_sharded`` with autograd on all-reduces through ``torch.distributed.nn`` (the
     differentiable all-reduce); on one rank (an identity all-reduce) it is ``nag_merge``, gradients included."""
