@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_float_tensor, check_last_dim_contiguous, check_like
+from .compute import compute_dtype
 from .op_factory import OpSpec, define
 from .torch_backend import nag_backward_torch, nag_torch
 
@@ -79,7 +80,7 @@ def nag_merge_torch(
     o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, scale, tau, alpha, norm="l1", out=None
 ) -> torch.Tensor:
     """Merge + NAG in PyTorch ops (float32, or float64 for float64 inputs); same semantics as the kernel."""
-    dtype = torch.float64 if o_pos.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(o_pos)
     o_s = o_shared.to(dtype)
     z_pos = _merge_torch(o_s, lse_shared, o_pos, lse_pos, dtype)
     z_neg = _merge_torch(o_s, lse_shared, o_neg, lse_neg, dtype)
@@ -103,7 +104,7 @@ def nag_merge_backward_torch(
 
     with ``<,>`` the sum over ``head_dim``. An empty part (LSE ``-inf``) gets zero gradients; a NaN stays NaN.
     """
-    dtype = torch.float64 if o_pos.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(o_pos)
     o_s = o_shared.to(dtype)
     branches = []
     for o_b, lse_b in ((o_pos, lse_pos), (o_neg, lse_neg)):

@@ -60,6 +60,7 @@ from .checks import (
     check_scalars,
     overlaps_other_than_alias,
 )
+from .compute import records_grad
 
 NAMESPACE = "nag_kernels"
 # The defaults of the scalars after ``scale`` (which has none), and of the string arguments.
@@ -147,7 +148,7 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
 def refuse_grad_in_place(fn_name: str, *tensors: torch.Tensor | None) -> None:
     """``out=`` runs an in-place op, which has no autograd formula: refuse it where a gradient would be needed rather
     than return a result silently cut from the graph."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if records_grad(*tensors):
         raise RuntimeError(
             f"{fn_name}(..., out=...) writes in place and is inference-only, but an input requires grad: "
             f"call {fn_name} without out= (differentiable), or under torch.no_grad()"

@@ -20,6 +20,7 @@ import math
 import torch
 
 from .checks import check_pair
+from .compute import compute_dtype
 from .op_factory import OpSpec, define
 from .partial_norm import _DTYPES, launch_partial_norms, launch_with_norms
 from .reference import where_nag_off
@@ -28,13 +29,9 @@ from .reference import where_nag_off
 # PyTorch backend and autograd formulas
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def partial_norms_torch(z_pos, z_neg, scale, norm="l1") -> torch.Tensor:
     """``nag_partial_norms`` in PyTorch ops: ``[..., 2]`` float32 (float64 for float64 inputs)."""
-    dtype = _compute_dtype(z_pos)
+    dtype = compute_dtype(z_pos)
     zp = z_pos.to(dtype)
     zt = torch.lerp(z_neg.to(dtype), zp, float(scale))  # scale * zp - (scale - 1) * zn, as torch_backend.nag_torch
     if norm == "l2":
@@ -60,7 +57,7 @@ def with_norms_torch(z_pos, z_neg, norms, scale, tau, alpha, norm="l1", out=None
     ``scale == 1``. The scalars are Python numbers (the ops read tensors first)."""
     if scale == 1:  # NAG off (docs/spec.md, "The combine")
         return z_pos.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(z_pos)
-    dtype = _compute_dtype(z_pos)
+    dtype = compute_dtype(z_pos)
     zp = z_pos.to(dtype)
     zt = torch.lerp(z_neg.to(dtype), zp, float(scale))
     factor = _norms_and_factor(norms, float(tau), norm, dtype)[-1]
@@ -78,7 +75,7 @@ def partial_norms_backward_torch(grad, z_pos, z_neg, scale, norm="l1"):
 
     ``scale`` is a number or a 0-dim tensor. float32 (float64 for float64 inputs); the caller casts.
     """
-    dtype = _compute_dtype(z_pos)
+    dtype = compute_dtype(z_pos)
     g = grad.to(dtype)
     zp = z_pos.to(dtype)
     zt = scale * zp - (scale - 1) * z_neg.to(dtype)
@@ -100,7 +97,7 @@ def with_norms_backward_torch(grad, z_pos, z_neg, norms, scale, tau, alpha, norm
     At ``scale == 1`` (output ``z_pos``): ``grad``, 0 and 0. The scalars are numbers or 0-dim tensors. float32
     (float64 for float64 inputs); the caller casts.
     """
-    dtype = _compute_dtype(z_pos)
+    dtype = compute_dtype(z_pos)
     g = grad.to(dtype)
     zp = z_pos.to(dtype)
     zt = scale * zp - (scale - 1) * z_neg.to(dtype)
@@ -152,7 +149,7 @@ def _check_with_norms(z_pos, z_neg, norms) -> None:
 
 
 def _sums_like(z_pos: torch.Tensor) -> torch.Tensor:
-    return z_pos.new_empty((*z_pos.shape[:-1], 2), dtype=_compute_dtype(z_pos))
+    return z_pos.new_empty((*z_pos.shape[:-1], 2), dtype=compute_dtype(z_pos))
 
 
 def _example() -> tuple[torch.Tensor, ...]:

@@ -24,10 +24,7 @@ from __future__ import annotations
 import torch
 
 from .checks import NORMS, SCALARS, as_number, check_norm, check_params
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .compute import compute_dtype
 
 
 def where_nag_off(scale, z_pos: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -80,7 +77,7 @@ def nag_reference(
     [0, 1] or a non-finite value, as every op.
     """
     check_reference_params(scale, tau, alpha, norm)
-    dtype = _compute_dtype(z_pos)
+    dtype = compute_dtype(z_pos)
     zp = z_pos.to(dtype)
     zn = z_neg.to(dtype)
     zt = scale * zp - (scale - 1) * zn
@@ -105,7 +102,7 @@ def merge_attention_reference(
     An empty part has ``lse = -inf`` and weight 0; when both parts are empty the output is 0. Returns float32
     (float64 for float64 inputs).
     """
-    dtype = _compute_dtype(o_a)
+    dtype = compute_dtype(o_a)
     la = lse_a.to(dtype)
     lb = lse_b.to(dtype)
     m = torch.maximum(la, lb)

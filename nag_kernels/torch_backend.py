@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .compute import compute_dtype
 from .reference import token_norm, where_nag_off
 
 
@@ -27,7 +28,7 @@ def nag_torch(
 ) -> torch.Tensor:
     if scale == 1:  # NAG off (docs/spec.md, "The combine"): z_pos exactly, z_neg unread
         return z_pos.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(z_pos)
-    dtype = torch.float64 if z_pos.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(z_pos)
     zp = z_pos.to(dtype)
     zt = torch.lerp(z_neg.to(dtype), zp, float(scale))
     norm_pos = token_norm(zp, norm)
@@ -71,7 +72,7 @@ def nag_backward_torch(
     used). A NaN in a token's inputs or gradient makes that token's gradients NaN. At ``scale == 1`` (NAG off, the
     output is ``z_pos``) the gradients are ``grad`` and 0. The scalars are numbers or 0-dim tensors. Returns float32 tensors (float64 for float64 inputs); the caller casts them to the input dtypes.
     """
-    dtype = torch.float64 if z_pos.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(z_pos)
     g = grad.to(dtype)
     zp = z_pos.to(dtype)
     zt = scale * zp - (scale - 1) * z_neg.to(dtype)  # not lerp: scale may be a 0-dim tensor of another dtype
