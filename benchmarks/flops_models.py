@@ -34,6 +34,7 @@ import torch
 
 from . import model_chroma, model_flux2, model_ltx, model_qwenimage, model_sd3, model_sdxl, model_wan, model_zimage
 from . import random_flux
+from . import model_hidream
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 META = torch.device("meta")
@@ -311,6 +312,11 @@ MODELS: dict[str, FlopsModel] = {
         flux2("flux2-klein-9b-1024", "FLUX.2 [klein] 9B", "flux2-klein-9b", 1024, targets={"nag": AT_MOST_1_15}),
         # Z-Image-Turbo, captions at the pipelines' 512-token bucket (the NAG negative as long).
         zimage("z-image-1024", 1024, targets={"nag": AT_MOST_1_15}),
+        # HiDream-I1 (Full / Dev / Fast share the transformer), 128 T5 + 128 + 128 Llama tokens in every block; the
+        # pooled CLIP vector is in the modulation, so exact and fast mode compute different things (as on FLUX.1).
+        FlopsModel(key="hidream-i1-1024", config="HiDream-I1", resolution=1024, image_tokens=(1024 // 16) ** 2,
+                   text_tokens=model_hidream.TEXT_TOKENS, build=functools.cache(model_hidream.build),
+                   step_inputs=model_hidream.flops_inputs, targets={"nag_fast": AT_MOST_1_15}),
         # The Flux-shaped toy (configs.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),

@@ -131,6 +131,16 @@ def test_off_cases_are_the_plain_forward_and_nag_end_is_a_noise_level_threshold(
         assert (guided.get_total_flops() > stock.get_total_flops()) == on
 
 
+def test_llama_states_as_a_sequence_of_layers():
+    # The model only indexes its Llama states by layer: a tuple of [rows, T, D] tensors works like the stacked tensor.
+    model = hidream_toy.transformer().double()
+    kw = hidream_toy.inputs(1)
+    layers = {**kw, "encoder_hidden_states_llama3": tuple(kw["encoder_hidden_states_llama3"])}
+    apply_nag(model, mode="fast", backend="torch")
+    assert torch.equal(run(model, layers, **STRONG), run(model, kw, **STRONG))
+    assert torch.equal(run(model, layers, nag_scale=1.0), run(model, positive(kw)))  # the NAG rows of each layer dropped
+
+
 def test_remove_restores_the_model_exactly_and_apply_does_not_stack():
     model = hidream_toy.transformer().double()
     kw = hidream_toy.inputs(1)
@@ -243,7 +253,9 @@ def test_bad_input_gets_clear_errors_and_the_model_stays_usable():
     llama = kw["encoder_hidden_states_llama3"]
     bad = [
         ({"encoder_hidden_states_llama3": llama[:, :2]}, ValueError, "encoder_hidden_states_llama3 must have 4 rows"),
-        ({"encoder_hidden_states_llama3": llama[0]}, ValueError, r"must be a \[layers, rows, tokens, dim\] tensor"),
+        ({"encoder_hidden_states_llama3": llama[0]}, ValueError,
+         r"must be a \[layers, rows, tokens, dim\] tensor \(or a sequence"),
+        ({"encoder_hidden_states_llama3": (llama[0], llama[1, :, :4])}, ValueError, "or a sequence of per-layer"),
         ({"pooled_embeds": kw["pooled_embeds"][:2]}, ValueError, "pooled_embeds must have batch 4"),
         ({"pooled_embeds": None}, ValueError, "pooled_embeds must have batch 4"),
         ({"timesteps": torch.full((3,), 700.0, dtype=torch.float64)}, ValueError, "timesteps must have batch 2 or 4"),

@@ -293,16 +293,38 @@ def _double_blocks(model):
     return [(block, {"_nag_last": index == len(blocks) - 1}) for index, block in enumerate(blocks)]
 
 
+def _llama_shape(llama) -> tuple[int, int] | None:
+    """``(rows, tokens)`` of the Llama states: a ``[layers, rows, T, D]`` tensor (as the pipeline gives them) or a
+    sequence of per-layer ``[rows, T, D]`` tensors of one shape (the model indexes either by layer); None otherwise."""
+    if isinstance(llama, torch.Tensor):
+        return (llama.shape[1], llama.shape[2]) if llama.dim() == 4 else None
+    if isinstance(llama, (list, tuple)) and llama and all(isinstance(x, torch.Tensor) for x in llama):
+        shapes = {tuple(x.shape) for x in llama}
+        return (llama[0].shape[0], llama[0].shape[1]) if len(shapes) == 1 and llama[0].dim() == 3 else None
+    return None
+
+
+def _llama_rows(llama, count: int):
+    """The first ``count`` rows of the Llama states (either form of ``_llama_shape``)."""
+    if isinstance(llama, torch.Tensor):
+        return llama[:, :count]
+    return type(llama)(x[:count] for x in llama)
+
+
 def _check_rows(kw: dict, count: int) -> None:
     """The per-text-row arguments of a guided forward: ``count`` rows each (the Llama states along dim 1)."""
     llama = kw.get(LLAMA)
-    if not isinstance(llama, torch.Tensor) or llama.dim() != 4:
-        shape = tuple(llama.shape) if isinstance(llama, torch.Tensor) else type(llama).__name__
-        raise ValueError(f"{LLAMA} must be a [layers, rows, tokens, dim] tensor in a NAG call, got {shape}")
-    if llama.shape[1] != count:
+    shape = _llama_shape(llama)
+    if shape is None:
+        got = tuple(llama.shape) if isinstance(llama, torch.Tensor) else type(llama).__name__
+        raise ValueError(
+            f"{LLAMA} must be a [layers, rows, tokens, dim] tensor (or a sequence of per-layer [rows, tokens, dim] "
+            f"tensors) in a NAG call, got {got}"
+        )
+    if shape[0] != count:
         raise ValueError(
             f"{LLAMA} must have {count} rows along dim 1 like {T5} (positive rows, then NAG-negative rows), got "
-            f"{llama.shape[1]}"
+            f"{shape[0]}"
         )
     pooled = kw.get(POOLED)
     if rows(pooled) != count:
@@ -330,7 +352,7 @@ class HiDreamFamily(Family):
             if n != latent_rows:
                 raise ValueError(f"{name} must have batch {latent_rows} or {count} in a NAG call, got {n}")
             kw[name] = _extend(kw[name], guided)
-        text_len = kw[T5].shape[1] + 2 * kw[LLAMA].shape[2]  # T5, the last Llama layer, the block's Llama layer
+        text_len = kw[T5].shape[1] + 2 * _llama_shape(kw[LLAMA])[1]  # T5, the last Llama layer, the block's
         super().deliver(kw, extra, dataclasses.replace(record, text_len=text_len))
 
 
@@ -344,12 +366,12 @@ def _patch(model):
             return None
         kw = as_kwargs(names, args, kwargs)
         llama, t5 = kw.get(LLAMA), kw.get(T5)
-        if not (isinstance(llama, torch.Tensor) and isinstance(t5, torch.Tensor)) or llama.dim() != 4 or t5.dim() != 3:
+        shape = _llama_shape(llama)
+        if shape is None or not isinstance(t5, torch.Tensor) or t5.dim() != 3:
             return None
-        n = t5.shape[0]
-        if not n < llama.shape[1] <= 2 * n:
+        if not t5.shape[0] < shape[0] <= 2 * t5.shape[0]:
             return None
-        kw[LLAMA] = llama[:, :n]
+        kw[LLAMA] = _llama_rows(llama, t5.shape[0])
         return (), kw
 
     return model.register_forward_pre_hook(plain_llama_rows, with_kwargs=True)
