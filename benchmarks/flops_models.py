@@ -35,6 +35,7 @@ import torch
 from . import model_chroma, model_flux2, model_ltx, model_qwenimage, model_sd3, model_sdxl, model_wan, model_zimage
 from . import random_flux
 from . import model_hidream
+from . import model_sana
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 META = torch.device("meta")
@@ -317,6 +318,20 @@ MODELS: dict[str, FlopsModel] = {
         FlopsModel(key="hidream-i1-1024", config="HiDream-I1", resolution=1024, image_tokens=(1024 // 16) ** 2,
                    text_tokens=model_hidream.TEXT_TOKENS, build=functools.cache(model_hidream.build),
                    step_inputs=model_hidream.flops_inputs, targets={"nag_fast": AT_MOST_1_15}),
+        # Sana 1.6B at 1024^2 (1024 tokens) and Sana-Video 2B at 832x480, 81 frames (32760 tokens), 300 Gemma2 tokens;
+        # the pipelines batch CFG (one forward at 2 rows).
+        FlopsModel(key="sana-1600m-1024", config="Sana 1.6B", resolution=1024,
+                   image_tokens=model_sana.tokens(model_sana.CONFIGS["sana-1600m"], "1024"),
+                   text_tokens=model_sana.TEXT_TOKENS, build=functools.cache(functools.partial(model_sana.build,
+                                                                                               "sana-1600m")),
+                   step_inputs=functools.partial(model_sana.flops_inputs, "1024"), variants=ONE_MODE,
+                   targets={"nag": Target(1.07, "<= 1.07x")}),
+        FlopsModel(key="sana-video-2b-832x480x81", config="Sana-Video 2B", resolution="832x480x81",
+                   image_tokens=model_sana.tokens(model_sana.CONFIGS["sana-video-2b"], "832x480x81"),
+                   text_tokens=model_sana.TEXT_TOKENS, build=functools.cache(functools.partial(model_sana.build,
+                                                                                               "sana-video-2b")),
+                   step_inputs=functools.partial(model_sana.flops_inputs, "832x480x81"), variants=ONE_MODE,
+                   size="832x480x81", targets={"nag": Target(1.02, "<= 1.02x")}),
         # The Flux-shaped toy (configs.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),
