@@ -148,9 +148,10 @@ def test_batches_num_images_per_prompt_and_nag_end():
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
 
 
-def test_controlnet_pipeline_guides_the_controlnet_too():
+@pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["nag-only", "cfg"])
+def test_controlnet_pipeline_guides_the_controlnet_too(guidance):
     pipe = sana_toy.pipeline(SanaControlNetPipeline)
-    kw = {**COMMON, "guidance_scale": 3.0, "control_image": sana_toy.image(), "controlnet_conditioning_scale": 0.8}
+    kw = {**COMMON, "guidance_scale": guidance, "control_image": sana_toy.image(), "controlnet_conditioning_scale": 0.8}
     plain = pipe("a red cat", generator=gen(), **kw).images
     neg = negative(pipe, "a red cat", "dog")
     expected, _ = expected_images(pipe, neg, RECOMMENDED, lambda: pipe("a red cat", generator=gen(), **kw).images)

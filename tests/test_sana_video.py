@@ -165,8 +165,9 @@ def expected_frames(pipe, neg, settings, call):
 
 
 @pytest.mark.parametrize("cls, guidance, per_video", [
-    (SanaVideoPipeline, 1.0, 1), (SanaVideoPipeline, 3.0, 2), (SanaImageToVideoPipeline, 3.0, 1)],
-    ids=["t2v-nag-only", "t2v-cfg-2-per-prompt", "i2v-cfg"])
+    (SanaVideoPipeline, 1.0, 1), (SanaVideoPipeline, 3.0, 2), (SanaImageToVideoPipeline, 1.0, 1),
+    (SanaImageToVideoPipeline, 3.0, 1)],
+    ids=["t2v-nag-only", "t2v-cfg-2-per-prompt", "i2v-nag-only", "i2v-cfg"])
 def test_video_pipelines_match_the_definition(cls, guidance, per_video):
     pipe = sana_toy.pipeline(cls)
     prompts, negatives = ["a red cat", "a blue bird"], ["dog", "tree"]
