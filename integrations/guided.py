@@ -162,7 +162,7 @@ def pre_hook(module, args, kwargs):
     if text_rows is None or text_rows == batch:
         return (), kw  # plain forward
     if family.batched_cfg and batch < text_rows < 2 * batch:
-        return _batched_cfg(family, config, kw, extra, batch, text_rows - batch)
+        return _batched_cfg(module, family, config, kw, extra, batch, text_rows - batch)
     if text_rows != 2 * batch:
         raise ValueError(
             f"{family.text} must have the batch of {family.latents} ({batch}, a plain forward) or twice it "
@@ -192,10 +192,11 @@ def post_hook(module, args, kwargs, output):
     call_state.set_record(None)
 
 
-def _batched_cfg(family, config: NAGConfig, kw: dict, extra: dict, batch: int, guided: int):
+def _batched_cfg(module, family, config: NAGConfig, kw: dict, extra: dict, batch: int, guided: int):
     """A call whose latents hold CFG's unconditional and conditional rows together (``batch`` rows) and whose text
     holds one row per latent row followed by the NAG-negative rows of the last ``guided`` latent rows (the
     conditional ones): only those are guided; the unconditional rows run plain."""
+    family.check_guided(module, kw, batch)  # e.g. a processor NAG does not wrap: refused here, not deep in diffusers
     if not is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value):
         for name in (family.text, *family.per_branch):  # per-text-row tensors lose the NAG-negative rows too
             if rows(kw.get(name)) == batch + guided:

@@ -40,7 +40,11 @@ class PromptAdapter:
         prompts: NAG argument -> ``encode_prompt`` argument for the negative's text (``{"nag_negative_prompt":
             "prompt", "nag_negative_prompt_2": "prompt_2"}``); the first is required (``""`` when not given).
         embeds: NAG argument -> index in ``encode_prompt``'s result of the pre-encoded tensor it replaces
-            (``{"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 1}``); all or none given.
+            (``{"nag_negative_prompt_embeds": 0, "nag_negative_pooled_prompt_embeds": 1}``); all or none given
+            (but for ``optional`` ones). An argument whose name ends in ``_mask`` is a mask (any real dtype), the
+            others embeddings (floating point).
+        optional: the ``embeds`` that may be left out (``None``) when the others are given, as the stock pipeline
+            takes its ``prompt_embeds`` without them (Qwen-Image: the mask, ``None`` when every token counts).
         per_branch: indices in ``encode_prompt``'s result of the tensors that get the negative's rows appended.
         positive: ``encode_prompt`` arguments that hold the call's own prompt (compared with the call's arguments of
             the same name), so the positive encoding is told from the others.
@@ -60,15 +64,55 @@ class PromptAdapter:
     per_image_arg: str = "num_images_per_prompt"
     negative_kwargs: tuple = ()
     call_patches: tuple = ()
+    optional: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
         return (*self.prompts, *self.embeds)
 
+    def check_values(self, negatives: dict) -> None:
+        """The values of the NAG-negative arguments, for every family (``_call`` runs it before the family's own
+        ``check``): each element of a prompt list is a ``str``; a pre-encoded tensor (or each tensor of a list of
+        them) holds data (not on the meta device: a real device, any one, since it is moved to the prompt's device
+        and dtype like the stock pipelines' ``prompt_embeds``), and embeddings are floating point (an integer or
+        bool tensor is refused, never cast)."""
+        for name in self.prompts:
+            value = negatives.get(name)
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    if not isinstance(item, str):
+                        raise TypeError(f"{name}[{index}] must be a str, got {type(item).__name__}")
+        for name in self.embeds:
+            value = negatives.get(name)
+            items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+            for index, x in items:
+                if not isinstance(x, torch.Tensor):
+                    continue  # the family's check names what it takes
+                where = name if index is None else f"{name}[{index}]"
+                if x.device.type == "meta":
+                    raise ValueError(
+                        f"{where} is on the meta device (it holds no data); pass a tensor on a real device (it is "
+                        "moved to the pipeline's device)"
+                    )
+                if name.endswith("_mask"):
+                    if x.is_complex():
+                        raise TypeError(f"{where} must be a bool, integer or floating-point mask, got {x.dtype}")
+                elif not x.is_floating_point():
+                    raise TypeError(
+                        f"{where} must be a floating-point tensor (embeddings, e.g. from encode_prompt), got {x.dtype}"
+                    )
+
     def check(self, negatives: dict) -> None:
         """Types and combinations of the NAG-negative arguments, before anything runs."""
         given = {name for name in self.embeds if negatives.get(name) is not None}
-        if given and given != set(self.embeds):
+        required = [name for name in self.embeds if name not in self.optional]
+        if given and not set(required) <= given:
+            if self.optional:
+                missing = [name for name in required if name not in given]
+                raise ValueError(
+                    f"{' and '.join(required)} must be given together ({' / '.join(self.optional)} optional): got "
+                    f"{' and '.join(name for name in self.embeds if name in given)} without {' and '.join(missing)}"
+                )
             raise ValueError(f"{' and '.join(self.embeds)} must be given together")
         if given and any(negatives.get(name) is not None for name in self.prompts):
             raise ValueError(f"give either {' / '.join(self.prompts)} or {' / '.join(self.embeds)}, not both")
@@ -91,8 +135,9 @@ class PromptAdapter:
         images = first.shape[0]
         if any(negatives.get(name) is not None for name in self.embeds):
             return {
-                index: _broadcast(name, negatives[name], images, per_image) for name, index in self.embeds.items()
-            }
+                index: None if negatives.get(name) is None else _broadcast(name, negatives[name], images, per_image)
+                for name, index in self.embeds.items()
+            }  # None: an optional one left out
         prompts = images // per_image
         kwargs = {key: encode_args[key] for key in self.forwarded if key in encode_args}
         for name, argument in self.prompts.items():
@@ -213,6 +258,7 @@ def _call(pipe, base: type, family, args, kwargs, nag: dict):
     config = defaults.replace(**settings)
     adapter = family.prompts
     negatives = {name: nag.get(name) for name in adapter.names}
+    adapter.check_values(negatives)
     adapter.check(negatives)
     has_negative = any(value is not None for value in negatives.values())
     if config.scale <= 1 or not (has_negative or "nag_scale" in nag):

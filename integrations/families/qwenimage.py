@@ -111,9 +111,21 @@ def _text_modulate(self, x, mod_params, index=None):
 
 
 def _check(model, kw: dict, batch: int) -> None:
+    # The model takes the image layout from img_shapes[0]; the stock pipelines give one entry per prompt, fewer than
+    # the latent rows with num_images_per_prompt > 1, and NAG does not change the image stream. So: one entry per
+    # sample, per prompt (a divisor of the batch) or 1; on a zero_cond_t model (a per-sample modulation index built
+    # from img_shapes) one per sample or 1, as there the stock model takes no other length either.
     shapes = kw.get("img_shapes")
-    if isinstance(shapes, (list, tuple)) and len(shapes) not in (1, batch):
-        raise ValueError(f"img_shapes must have one entry per latent sample ({batch}), got {len(shapes)}")
+    if not isinstance(shapes, (list, tuple)):
+        return
+    n = len(shapes)
+    if getattr(model.config, "zero_cond_t", False):
+        if n not in (1, batch):
+            raise ValueError(f"img_shapes must have one entry per latent sample ({batch}) or 1 on a zero_cond_t "
+                             f"model, got {n}")
+    elif n == 0 or batch % n:
+        raise ValueError(f"img_shapes must have one entry per latent sample ({batch}), one per prompt (a divisor of "
+                         f"{batch}) or 1, got {n}")
 
 
 class QwenPromptAdapter(PromptAdapter):
@@ -155,6 +167,7 @@ QWENIMAGE = Family(
     prompts=QwenPromptAdapter(
         prompts={"nag_negative_prompt": "prompt"},
         embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_embeds_mask": 1},
+        optional=("nag_negative_prompt_embeds_mask",),  # None: every token counts, as encode_prompt returns it
         per_branch=(0, 1),
         forwarded=("device", "num_images_per_prompt", "max_sequence_length", "image"),
     ),

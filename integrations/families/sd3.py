@@ -14,13 +14,15 @@ conditional rows, only the conditional ones guided, ``guided.NAGForward.guided``
   keys, LSE-merged and NAG-combined (``split_attention.image_attention``) before ``to_out``; unguided rows (batched
   CFG's unconditional ones): the stock joint attention. SD3.5's image self-attention ``attn2`` runs plain.
 
-Plain forwards (no ``nag`` record) are the stock computation.
+Plain forwards (no ``nag`` record) are the stock computation. The transformer's own processor setters keep NAG's
+processors (``processor_setters``): after ``fuse_qkv_projections`` they wrap ``FusedJointAttnProcessor2_0`` (plain
+calls run it) and a guided call projects through the fused ``to_qkv`` / ``to_added_qkv``.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..family import Family, ForwardPatch
@@ -28,6 +30,7 @@ from ..guided import rows
 from ..modulation import text_rows_forward
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
+from ..processor_setters import setter_patches
 from ..registry import register_family
 from ..split_attention import branch_join, heads, image_attention
 
@@ -51,6 +54,11 @@ class NAGJointAttnProcessor(NAGProcessor):
     stock processor; guided calls (a ``nag`` record) run NAG's joint attention."""
 
     stock = JointAttnProcessor2_0
+    wraps = (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)  # the latter: fuse_qkv_projections
+
+    @classmethod
+    def can_wrap(cls, processor) -> bool:
+        return any(isinstance(processor, stock) and type(processor).__call__ is stock.__call__ for stock in cls.wraps)
 
     @property
     def _attention_backend(self):  # the stock SD3 processor has none (it calls SDPA itself)
@@ -67,6 +75,18 @@ class NAGJointAttnProcessor(NAGProcessor):
             raise ValueError("NAG on SD3 takes no attention_mask (the stock SD3 attention has none)")
         return self._guided(attn, hidden_states, encoder_hidden_states, nag)
 
+    def _projections(self, attn, hidden_states, encoder_hidden_states, text: bool):
+        """Q, K, V of the image (``text=False``) or the text: through the fused ``to_qkv`` / ``to_added_qkv`` when the
+        wrapped processor is the fused one (``fuse_qkv_projections``), else through the separate projections."""
+        fused = getattr(attn, "to_added_qkv" if text else "to_qkv", None)
+        if isinstance(self.inner, FusedJointAttnProcessor2_0) and isinstance(fused, torch.nn.Module):
+            qkv = fused(encoder_hidden_states if text else hidden_states)
+            return qkv.split(qkv.shape[-1] // 3, dim=-1)
+        if text:
+            c = encoder_hidden_states
+            return attn.add_q_proj(c), attn.add_k_proj(c), attn.add_v_proj(c)
+        return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
     def _guided(self, attn, hidden_states, encoder_hidden_states, nag):
         # hidden_states [L, N, C]; encoder_hidden_states [L + g, T, C]: one row per latent row, then the g NAG rows.
         latent_rows, guided = hidden_states.shape[0], nag.guided_rows
@@ -77,10 +97,9 @@ class NAGJointAttnProcessor(NAGProcessor):
                 f"{guided} of them guided; got {encoder_hidden_states.shape[0]}"
             )
         head_dim = attn.inner_dim // attn.heads
-        q, k, v = heads(head_dim, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states),
-                        attn.norm_q, attn.norm_k)
-        c = encoder_hidden_states
-        tq, tk, tv = heads(head_dim, attn.add_q_proj(c), attn.add_k_proj(c), attn.add_v_proj(c),
+        q, k, v = heads(head_dim, *self._projections(attn, hidden_states, encoder_hidden_states, False), attn.norm_q,
+                        attn.norm_k)
+        tq, tk, tv = heads(head_dim, *self._projections(attn, hidden_states, encoder_hidden_states, True),
                            attn.norm_added_q, attn.norm_added_k)
         g = slice(plain, None)
         # Guided rows: text queries of each branch over [image ; text_b], the image K/V shared by both branches.
@@ -124,6 +143,7 @@ SD3 = SD3Family(
     acts_in="the joint attention of every block (image outputs); SD3.5's image self-attention attn2 unguided",
     processors={Attention: NAGJointAttnProcessor},
     forward_patches=(ForwardPatch(text_rows_forward, _text_norms),),
+    method_patches=setter_patches(SD3Transformer2DModel),
     guided_attention=lambda name, module: module.add_k_proj is not None,  # joint attention; SD3.5's attn2 unguided
     prompts=PromptAdapter(
         prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2",

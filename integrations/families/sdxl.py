@@ -12,19 +12,31 @@ for all text rows, one attention per branch (each with its rows of the attention
 ``to_out`` (``cross_attention.guided_cross_attention``). Self-attention and plain calls go to the wrapped processor.
 Like the stock ``AttnProcessor2_0`` it calls ``F.scaled_dot_product_attention`` directly (``set_attention_backend``
 does not change the stock SDXL attention either).
+
+The UNet's own processor setters keep NAG's processors (``processor_setters``): ``set_default_attn_processor``
+(``AttnProcessor``), ``enable_attention_slicing`` (``SlicedAttnProcessor``) and ``fuse_qkv_projections``
+(``FusedAttnProcessor2_0``) set stock processors that NAG's wraps. Plain calls run them; a guided cross-attention
+runs NAG's unsliced SDPA, through the fused ``to_kv`` when the wrapped processor is the fused one.
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+)
 
 from .. import cross_attention
 from ..family import Family
 from ..guided import NAGForward
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
+from ..processor_setters import setter_patches
 from ..registry import register_family
 
 PIPELINES = {
@@ -39,6 +51,12 @@ class NAGAttnProcessor(NAGProcessor):
     """``AttnProcessor2_0`` with NAG in cross-attention; same call signature plus ``nag``."""
 
     stock = AttnProcessor2_0
+    # the stock processors the UNet's setters install: default, set_default_attn_processor, attention slicing, fused
+    wraps = (AttnProcessor2_0, AttnProcessor, SlicedAttnProcessor, FusedAttnProcessor2_0)
+
+    @classmethod
+    def can_wrap(cls, processor) -> bool:
+        return any(isinstance(processor, stock) and type(processor).__call__ is stock.__call__ for stock in cls.wraps)
 
     @property
     def _attention_backend(self):  # the stock processor has no such attribute until set_attention_backend sets it
@@ -58,7 +76,9 @@ class NAGAttnProcessor(NAGProcessor):
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  nag: NAGForward | None = None, **kwargs):
         if not cross_attention.is_guided_call(nag, hidden_states, encoder_hidden_states):
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            if temb is not None:  # as Attention.forward calls it: SlicedAttnProcessor takes no temb
+                kwargs["temb"] = temb
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -76,7 +96,11 @@ class NAGAttnProcessor(NAGProcessor):
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        if isinstance(self.inner, FusedAttnProcessor2_0) and getattr(attn, "to_kv", None) is not None:
+            kv = attn.to_kv(encoder_hidden_states)  # fuse_qkv_projections: K and V in one projection
+            key, value = kv.split(kv.shape[-1] // 2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -105,6 +129,7 @@ SDXL = Family(
     acts_in="the text cross-attention attn2 of every transformer block (pooled text embeddings and time ids stay "
             "positive)",
     processors={Attention: NAGAttnProcessor},
+    method_patches=setter_patches(UNet2DConditionModel),
     guided_attention=lambda name, module: module.is_cross_attention,
     prompts=PromptAdapter(
         prompts={"nag_negative_prompt": "prompt", "nag_negative_prompt_2": "prompt_2"},

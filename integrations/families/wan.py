@@ -6,8 +6,11 @@ so the stock forward runs unchanged: the text embedder projects ``2B`` rows, eve
 the modulation at ``B`` rows, and ``NAGWanAttnProcessor`` in each cross-attention ``attn2`` computes the video queries
 once, text K/V for ``2B`` rows, one attention per branch and the combine before ``to_out``
 (``cross_attention.guided_cross_attention``). Wan 2.1 I2V's image context (CLIP tokens, ``add_k_proj``) is given at
-``B`` rows and expanded to ``2B`` by the hook only so that the stock forward can join it to the text; the processor
-attends to its first ``B`` rows once and adds that output to the combined text output, as the authors do.
+``B`` rows and expanded to ``2B`` (``WanFamily.deliver``) only so that the stock forward can join it to the text;
+the processor attends to its first ``B`` rows once and adds that output to the combined text output, as the authors
+do. The first-last-frame model (FLF2V, the image embedder's ``pos_embed`` set) takes two image-context rows per
+sample (first and last frame, joined to one row by the embedder): ``WanFamily`` counts the image context per sample,
+so that ``2B`` rows there are ``B`` samples, not an already doubled context.
 
 The model's forward does not pass its attention kwargs to the blocks, so the record reaches the processors per
 thread (``call_state.record()``, ``Family.passes_attention_kwargs``). Wan 2.2 A14B pipelines hold two experts (``transformer``, ``transformer_2``): both
@@ -28,6 +31,7 @@ from diffusers.models.transformers.transformer_wan import (
 
 from .. import call_state, cross_attention
 from ..family import Family
+from ..guided import rows
 from ..pipeline import PromptAdapter
 from ..processor import _DISPATCH_TAKES_PARALLEL_CONFIG, NAGProcessor
 from ..registry import register_family
@@ -82,6 +86,44 @@ class NAGWanAttnProcessor(NAGProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+IMAGE = "encoder_hidden_states_image"
+
+
+def image_rows_per_sample(model) -> int:
+    """Image-context rows per sample: 2 on the first-last-frame model (its image embedder joins the first and the
+    last frame's rows into one, ``WanImageEmbedding.pos_embed``), else 1."""
+    embedder = getattr(getattr(model, "condition_embedder", None), "image_embedder", None)
+    return 2 if getattr(embedder, "pos_embed", None) is not None else 1
+
+
+class WanFamily(Family):
+    """Wan's family: the I2V image context (``encoder_hidden_states_image``) counted per sample. A guided forward
+    takes it with ``k * B`` rows (``k = image_rows_per_sample``: the stock layout) or ``2 * k * B`` (both branches,
+    equal halves); the stock forward joins the embedded context to every text row, so a forward where NAG acts gets it
+    doubled (``deliver``) and one where NAG is off gets the ``k * B`` rows."""
+
+    def check_guided(self, model, kw: dict, batch: int) -> None:
+        super().check_guided(model, kw, batch)
+        image = kw.get(IMAGE)
+        if image is None:
+            return
+        per_sample = image_rows_per_sample(model)
+        n = rows(image)
+        if n == 2 * per_sample * batch:
+            kw[IMAGE] = image[: per_sample * batch]  # the positive half: the branches share the image context
+        elif n != per_sample * batch:
+            kind = " (first and last frame)" if per_sample == 2 else ""
+            raise ValueError(
+                f"{IMAGE} must have {per_sample} row(s) per sample{kind}: {per_sample * batch} for {batch} samples, "
+                f"or {2 * per_sample * batch} for both branches; got {n}"
+            )
+
+    def deliver(self, kw: dict, extra: dict, record) -> None:
+        if kw.get(IMAGE) is not None:
+            kw[IMAGE] = torch.cat([kw[IMAGE], kw[IMAGE]])  # one image context per text row
+        super().deliver(kw, extra, record)
+
+
 def _check(model, kw: dict, batch: int) -> None:
     text = kw["encoder_hidden_states"]
     width = model.config.text_dim
@@ -92,7 +134,7 @@ def _check(model, kw: dict, batch: int) -> None:
         raise ValueError("encoder_hidden_states_image is required by this I2V model (image_dim is set)")
 
 
-WAN = Family(
+WAN = WanFamily(
     name="Wan 2.1 / 2.2",
     models=tuple(m for m in (WanTransformer3DModel, WanVACETransformer3DModel) if m is not None),
     token_order="cross_attention",
@@ -110,7 +152,6 @@ WAN = Family(
     pipelines=PIPELINES,
     defaults=DEFAULTS,
     guided_models=("transformer", "transformer_2"),
-    expand=("encoder_hidden_states_image",),
     attention_kwargs="attention_kwargs",
     passes_attention_kwargs=False,
     modes=("exact",),
