@@ -56,7 +56,7 @@ def _moe_infer_counted(self, x, flat_expert_indices, flat_expert_weights):
 def _patchify_counted(self, hidden_states):
     """``patchify`` for the meta device: the image sizes as Python ints (``unpatchify`` slices with them; a meta
     tensor holds no values)."""
-    tokens, masks, sizes, ids = type(self).patchify(self, hidden_states)
+    tokens, masks, _, ids = type(self).patchify(self, hidden_states)
     p = self.config.patch_size
     grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
     return tokens, masks, [grid] * hidden_states.shape[0], ids

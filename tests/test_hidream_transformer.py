@@ -304,3 +304,12 @@ def test_parallel_config_and_foreign_processors_are_refused_clearly():
     model.get_submodule(name).processor._parallel_config = None
     assert call_state.record() is None
     torch.testing.assert_close(run(model, kw), reference(model, kw), rtol=0, atol=1e-10)
+
+
+def test_triton_backend_through_the_interpreter():
+    model = hidream_toy.transformer().float()
+    kw = hidream_toy.inputs(1, dtype=torch.float32)
+    for mode in ("exact", "fast"):  # TRITON_INTERPRET=1 (conftest): the fused combine / merge kernels on the CPU
+        expected = run(apply_nag(model, mode=mode, backend="torch"), kw, **STRONG)
+        out = run(apply_nag(model, mode=mode, backend="auto"), kw, **STRONG)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

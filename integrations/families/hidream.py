@@ -174,7 +174,7 @@ class NAGHiDreamAttnProcessor(NAGProcessor):
     def _single(self, attn, hidden_states, masks, freqs, nag):
         """Exact mode: ``[R, N + T, C]`` (image rows tiled), attention per row, the guided rows' image part combined
         and written into the positive and the NAG-negative row."""
-        latent_rows, guided, plain = _layout(nag)
+        latent_rows, _, plain = _layout(nag)
         count = hidden_states.shape[0]
         q, k, v = _heads(attn, hidden_states, hidden_states.dtype)
         if masks is not None:
@@ -221,7 +221,7 @@ def _double_forward(self, *args, **kwargs):
     if nag is None:
         return forward_patch.call_previous(self, **kw)
     _processor(self)
-    latent_rows, guided, plain = _layout(nag)
+    latent_rows, guided, _ = _layout(nag)
     image, text, temb = kw["hidden_states"], kw["encoder_hidden_states"], kw["temb"]
     if image.shape[0] == latent_rows + guided:  # a model whose x_embedder is not patched
         image = image[:latent_rows]
@@ -253,7 +253,7 @@ def _single_forward(self, *args, **kwargs):
     _processor(self)
     if nag.mode != "fast":
         return forward_patch.call_previous(self, **kw)
-    latent_rows, guided, plain = _layout(nag)
+    latent_rows, guided, _ = _layout(nag)
     hidden, temb = kw["hidden_states"], kw["temb"]
     n = hidden.shape[1] - nag.text_len
     image, text = hidden[:latent_rows, :n], hidden[:, n:]
