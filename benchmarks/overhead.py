@@ -1,4 +1,5 @@
-"""``overhead`` suite (CUDA only): host time vs device time of one NAG combine call, per layer of the call.
+"""``overhead`` suite: the integration's host cost per transformer forward (any device,
+``integration_overhead.py``), and on CUDA the host time vs device time of one NAG combine call, per layer of the call.
 
 At each shape (default: the Flux 1024^2 batch-1 and 2048^2 batch-2 shapes, bf16, L1) it measures, per call:
 
@@ -19,11 +20,13 @@ import time
 import torch
 
 from . import harness as h
+from . import integration_overhead
 from .configs import kernel_shape
 from .kernel import DTYPES, PARAMS, case_grid
 
-HELP = ("host time vs device time (CUDA graph replay) of one combine call, per layer: public nag, nag(out=), "
-        "launch_nag, the raw Triton launch, torch.compile(nag_reference), a copy. CUDA only.")
+HELP = ("the integration's host cost per transformer forward (hooks, record, checks; micro FLUX.1 and Wan, any "
+        "device), and on CUDA the host time vs device time (CUDA graph replay) of one combine call, per layer: public "
+        "nag, nag(out=), launch_nag, the raw Triton launch, torch.compile(nag_reference), a copy.")
 DEFAULT_SHAPES = ("flux-1024-b1", "flux-2048-b2")
 CALLS = ("nag", "nag_out", "launch_nag", "raw_launch", "torch_compile", "copy")
 CALL_LABELS = {
@@ -111,7 +114,11 @@ def progress_line(r: dict) -> str:
 
 
 def table(doc: dict) -> str:
-    rows = doc["rows"]
+    integration = [r for r in doc["rows"] if r.get("part") == "integration"]
+    rows = [r for r in doc["rows"] if r.get("part") != "integration"]
+    text = "## The integration's host cost per transformer forward\n\n" + integration_overhead.table(integration)
+    if not rows:
+        return text + "\n(The combine-call part needs a CUDA GPU.)\n"
     header = ["shape", "dtype", "norm", "call", "device us (CUDA graph)", "GB/s", "% of copy", "host us per call"]
     body = []
     for r in rows:
@@ -123,7 +130,7 @@ def table(doc: dict) -> str:
         body.append(where + [f"{r['device_us']:.1f}", f"{r['device_gbps']:.0f}",
                              "" if share is None else f"{100 * share:.0f}%", f"{r['host_us']:.1f}"])
     legend = "\n".join(f"- `{c}`: {label}" for c, label in CALL_LABELS.items())
-    return h.markdown_table(header, body) + (
+    return text + "\n## One combine call\n\n" + h.markdown_table(header, body) + (
         "\nDevice time: median of the call replayed in a CUDA graph (no host work timed). Host time: per call, "
         "measured with the GPU kept busy so the host never waits (median of 5 runs of 500 calls). A call whose host "
         "time exceeds its device time is host-bound when issued alone.\n\n" + legend + "\n")
@@ -131,7 +138,7 @@ def table(doc: dict) -> str:
 
 def plot(rows: list[dict], path) -> bool:
     plt = h.try_matplotlib()
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("part") != "integration"]
     if plt is None or not ok:
         return False
     shapes = list(dict.fromkeys(r["shape_name"] for r in ok))
@@ -150,13 +157,18 @@ def plot(rows: list[dict], path) -> bool:
 
 
 def run(args, device: torch.device) -> h.Results:
-    h.require_cuda(device, "overhead", "it times CUDA graph replays and the host cost of CUDA launches")
-    todo = case_grid(args, DEFAULT_SHAPES, ["bf16"], ["l1"])
     env = h.environment(device)
     results = h.Results("overhead", env, args.out)
     results.extra.update(params=PARAMS, calls=CALL_LABELS)
-    h.log(f"overhead suite on {env['device']}: {len(todo)} cases -> {results.json_path}")
-    for s, d, n in todo:
-        run_shape(results, s, d, n, device)
+    h.log(f"overhead suite on {env['device']} -> {results.json_path}")
+    for name in integration_overhead.MODELS:  # the integration's host cost: Python on the host, any device
+        res, err = h.guarded(lambda name=name: integration_overhead.measure(name), torch.device("cpu"))
+        for row in res or [{"case": f"{name} integration", "model": name, "call": "all", **(err or {})}]:
+            results.add({**row, "part": "integration"})
+            h.log(f"  {row['case']}: " + (f"{row['host_us']:.1f} us" if "host_us" in row else str(err)))
+    if device.type == "cuda":
+        todo = case_grid(args, DEFAULT_SHAPES, ["bf16"], ["l1"])
+        for s, d, n in todo:
+            run_shape(results, s, d, n, device)
     results.finish(table(results.document()), lambda path: plot(results.rows, path))
     return results

@@ -152,15 +152,12 @@ def pre_hook(module, args, kwargs):
     overrides = {CALL_KEYS[key]: extra.pop(key) for key in list(extra) if key in CALL_KEYS}
     if extra_name and (extra_name in kw or overrides):
         kw[extra_name] = extra
-    config = (call_state.call_config() or state.config).replace(**overrides)
-    if not family.passes_attention_kwargs:
-        call_state.set_record(None)  # until this forward proves guided (deliver)
-
     batch = rows(kw[family.latents])
     text = kw.get(family.text)
     text_rows = rows(text)
     if text_rows is None or text_rows == batch:
-        return (), kw  # plain forward
+        return (), kw  # plain forward (a per-thread record is None: post_hook cleared it after the last forward)
+    config = (call_state.call_config() or state.config).replace(**overrides)
     if family.batched_cfg and batch < text_rows < 2 * batch:
         return _batched_cfg(module, family, config, kw, extra, batch, text_rows - batch)
     if text_rows != 2 * batch:
