@@ -115,6 +115,19 @@ def test_one_negative_per_text_encoder():
     assert (only_first - out).abs().max() > 1e-6
 
 
+def test_pre_encoded_prompt_and_cfg_negative():
+    # The pipeline's own prompt given as embeddings: its encode_prompt call is still the positive one.
+    pipe = apply_nag(hidream_toy.pipeline(), backend="torch")
+    kw = {**COMMON, "latents": hidream_toy.latents(1), "guidance_scale": 4.0}
+    t5, neg_t5, llama, neg_llama, pooled, neg_pooled = pipe.encode_prompt(
+        "a red cat", negative_prompt="green", max_sequence_length=hidream_toy.SEQ_LEN)
+    expected = pipe("a red cat", negative_prompt="green", nag_negative_prompt="blurry", **kw).images
+    out = pipe(prompt_embeds_t5=t5, prompt_embeds_llama3=llama, pooled_prompt_embeds=pooled,
+               negative_prompt_embeds_t5=neg_t5, negative_prompt_embeds_llama3=neg_llama,
+               negative_pooled_prompt_embeds=neg_pooled, nag_negative_prompt="blurry", **kw).images
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
 def test_off_and_neutral_calls_reproduce_the_unpatched_output():
     pipe = hidream_toy.pipeline()
     kw = {**COMMON, "latents": hidream_toy.latents(1), "guidance_scale": 4.0, "negative_prompt": "green"}
