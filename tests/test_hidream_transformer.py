@@ -313,3 +313,13 @@ def test_triton_backend_through_the_interpreter():
         expected = run(apply_nag(model, mode=mode, backend="torch"), kw, **STRONG)
         out = run(apply_nag(model, mode=mode, backend="auto"), kw, **STRONG)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_mode_under_another_attention_backend_runs_the_unsplit_attention(monkeypatch):
+    # A non-PyTorch backend (flash-attn, sage, ...) returns no LSE: exact mode then runs both branches' full attention
+    # through it and combines. Forced here, since those backends need a GPU; dispatch runs PyTorch's SDPA.
+    monkeypatch.setattr(hidream.NAGHiDreamAttnProcessor, "backend_is_torch", lambda self: False)
+    model = hidream_toy.transformer().double()
+    kw = hidream_toy.inputs(2, text_rows=3)  # with batched CFG's unguided row
+    apply_nag(model, backend="torch")
+    torch.testing.assert_close(run(model, kw, **STRONG), reference(model, kw, **STRONG), rtol=0, atol=1e-10)
