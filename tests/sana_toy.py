@@ -19,7 +19,6 @@ from diffusers import (
     SanaControlNetModel,
     SanaPipeline,
     SanaTransformer2DModel,
-    SanaVideoTransformer3DModel,
     SCMScheduler,
 )
 from transformers import Gemma2Config, Gemma2Model
@@ -66,7 +65,9 @@ def controlnet(layers: int = 1, seed: int = 5) -> SanaControlNetModel:
     return _widen(SanaControlNetModel(num_layers=layers, **_sana_dims()))
 
 
-def video_transformer(layers: int = 2, seed: int = 0) -> SanaVideoTransformer3DModel:
+def video_transformer(layers: int = 2, seed: int = 0):
+    from diffusers import SanaVideoTransformer3DModel  # diffusers >= 0.36
+
     torch.manual_seed(seed)
     return _widen(SanaVideoTransformer3DModel(
         in_channels=VIDEO_LATENT[0], out_channels=VIDEO_LATENT[0], num_attention_heads=2, attention_head_dim=12,
