@@ -21,7 +21,8 @@ TINY = {
                        cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32, in_channels=4,
                        out_channels=4),
     "sana-video-2b": dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, num_cross_attention_heads=2,
-                          cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=32, rope_max_seq_len=32),
+                          cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=32,
+                          rope_max_seq_len=32),
 }
 TINY_SIZE = {"sana-1600m": 256, "sana-video-2b": (64, 64, 5)}
 

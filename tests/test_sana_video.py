@@ -68,7 +68,8 @@ def test_guided_forward_equals_the_definition(cfg, per_token):
     assert (out - plain)[rows - B:].abs().max() > 1e-3
     if cfg:
         assert torch.equal(out[:B], plain[:B])
-    close(run(model, kw, nag_scale=5.0, nag_tau=2.0, nag_alpha=0.5), reference(model, kw, scale=5.0, tau=2.0, alpha=0.5))
+    out = run(model, kw, nag_scale=5.0, nag_tau=2.0, nag_alpha=0.5)
+    close(out, reference(model, kw, scale=5.0, tau=2.0, alpha=0.5))
     assert torch.equal(run(model, plain_rows(kw, rows)), plain)
 
 

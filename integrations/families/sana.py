@@ -21,14 +21,15 @@ embedding: never the text) run at ``L`` rows.
 The stock forward reshapes the projected text with ``.view(batch, -1, C)`` (batch = latent rows), which would fold
 the extra text rows into the sequence. In a guided forward the caption projection's ``forward`` (``_caption_forward``,
 one shared function) returns all ``L + g`` projected rows as one sequence broadcast (a stride-0 ``expand``, no copy)
-to the ``L`` latent rows, which that ``view`` leaves as it is; the caption RMSNorm (``_caption_norm_forward``) normalizes
-that sequence once and broadcasts it again; the processor reads the rows back. Neither forward passes its attention
-kwargs to the blocks, so the record reaches the processors per thread (``call_state.record()``).
+to the ``L`` latent rows, which that ``view`` leaves as it is; the caption RMSNorm (``_caption_norm_forward``)
+normalizes that sequence once and broadcasts it again; the processor reads the rows back. Neither model's forward
+passes its attention kwargs to the blocks, so the record reaches the processors per thread (``call_state.record()``).
 
 ``nag_end`` is tested on the noisiest token's timestep (``torch.amax``: Sana-Video I2V passes per-token timesteps).
-Sana and Sana-Video take ``t`` in [0, 1000]; Sana-Sprint (``guidance_embeds``) takes SCM's ``sin(s) / (sin(s) + cos(s))``
-in [0, 1] (1 = pure noise), scaled by 1000 (``SanaFamily.check_guided`` passes the factor to ``_noise_level``
-through a ``call_state`` slot, since the family's ``timestep_value`` does not see the model).
+Sana and Sana-Video take ``t`` in [0, 1000]; Sana-Sprint (``guidance_embeds``) takes SCM's
+``sin(s) / (sin(s) + cos(s))`` in [0, 1] (1 = pure noise), scaled by 1000 (``SanaFamily.check_guided`` passes the
+factor to ``_noise_level`` through a ``call_state`` slot, since the family's ``timestep_value`` does not see the
+model).
 
 diffusers has no context-parallel plan (``_cp_plan``) for these models; a guided call on a model with a parallel
 config is refused (``_refuse_parallel``).
@@ -59,7 +60,9 @@ SanaVideoAttnProcessor2_0 = optional("diffusers.models.transformers.transformer_
 # Recommended settings: nothing is published for Sana; this project's own starting point (docs/families/sana.md).
 DEFAULTS = {"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
 VIDEO_DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
-PIPELINES = {"SanaPipeline": {}, "SanaControlNetPipeline": {}, "SanaSprintPipeline": {}, "SanaSprintImg2ImgPipeline": {}}
+PIPELINES = {
+    "SanaPipeline": {}, "SanaControlNetPipeline": {}, "SanaSprintPipeline": {}, "SanaSprintImg2ImgPipeline": {},
+}
 VIDEO_PIPELINES = {"SanaVideoPipeline": {}, "SanaImageToVideoPipeline": {}}
 
 _TIMESTEP_SCALE = "sana_timestep_scale"  # call_state slot: check_guided -> _noise_level, within one pre-hook
