@@ -62,7 +62,7 @@ def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
         installed = install(family, model)
         # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
         # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
-        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+        handle = model.register_forward_pre_hook(_caches.with_layout(pre_hook), with_kwargs=True, prepend=True)
         after = None
         if not family.passes_attention_kwargs:
             after = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
