@@ -227,12 +227,22 @@ class NAGCall:
         return joined
 
     def _rows(self, name: str, images: int, per_image: int):
+        """The NAG negative's ``name`` with one row per image (``images``, ``per_image`` per prompt)."""
         x = self.negative.get(name)
-        if x is None or isinstance(x, list):
-            if isinstance(x, list) and len(x) != images:  # Z-Image: one [L, D] tensor per prompt (or one)
-                x = [e for e in x for _ in range(per_image)] if len(x) == images // per_image else x * (images // len(x))
-            return x
-        return _broadcast(self.names.get(name, name), x, images, per_image)
+        label = self.names.get(name, name)
+        if x is None:
+            return None
+        if self.spec.join is None:
+            return _broadcast(label, x, images, per_image)
+        items = list(x) if isinstance(x, (list, tuple)) else [x]  # per-sample lists (Z-Image): [L, D] tensors
+        prompts = images // per_image
+        if len(items) == images:
+            return items
+        if len(items) == 1:
+            return items * images
+        if len(items) == prompts:
+            return [item for item in items for _ in range(per_image)]
+        raise ValueError(f"{label} must have 1 or {prompts} entries, got {len(items)}")
 
 
 def take_pending():
