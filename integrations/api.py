@@ -7,6 +7,7 @@ This module knows no model: what differs per family comes from its ``Family`` (`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 
 import torch
@@ -53,7 +54,6 @@ def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"apply_nag expects a diffusers pipeline or model, got {type(model).__name__}")
     family = family_for(model)
-    _caches.check_model(model)  # diffusers caches NAG refuses (caches.py), before anything is patched
     state = state_of(model)
     if state is not None:  # add only what is missing: forwards of other requests may be running on this model
         state.installed.merge(install(family, model))
@@ -73,7 +73,7 @@ def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
         state.direct = True
     else:
         state.owners.add(owner)
-    _caches.guard(model)  # enable_cache refuses those caches while NAG is applied
+    _caches.guard(model)  # diffusers' caches keep one state per batch layout while NAG is applied (caches.py)
 
 
 def _remove_model(model) -> None:
@@ -117,14 +117,15 @@ def _roll_back(model, before, owner) -> None:
 
 def apply_nag(
     pipe_or_transformer,
+    config: NAGConfig | None = None,
     *,
     nag_scale: float | None = None,
     nag_tau: float | None = None,
     nag_alpha: float | None = None,
     nag_end: float | None = None,
-    norm: str = "l1",
+    norm: str | None = None,
     mode: str | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ):
     """Patch a diffusers pipeline or model in place for Normalized Attention Guidance; returns the same object.
 
@@ -144,6 +145,9 @@ def apply_nag(
     Args:
         pipe_or_transformer: a supported diffusers pipeline, or its transformer. Not a torch.compiled one: apply
             first, compile afterwards.
+        config: optional ``NAGConfig`` giving every setting at once (``apply_nag(pipe, NAGConfig(scale=7.0))``);
+            the keyword arguments below override single fields of it. Without it, unset values take the family's
+            recommendation for the pipeline.
         nag_scale: extrapolation scale (>= 1; 1 turns NAG off; typical 3-11). ``None``: the family's recommended
             value for this pipeline (docs/spec.md, "Recommended settings"; FLUX.1: 5).
         nag_tau: clamp of the norm ratio ``||z_guided|| / ||z_pos||`` (> 0). ``None``: recommended (FLUX.1: 2.5).
@@ -151,15 +155,15 @@ def apply_nag(
             (FLUX.1: 0.25; SD3: 0.125; SDXL: 0.5).
         nag_end: noise-level threshold in [0, 1]: NAG acts while the scheduler timestep ``t >= (1 - nag_end) *
             1000``. ``None``: recommended (1.0 = every step; FLUX.1 Kontext: 0.25).
-        norm: ``"l1"`` (the paper's) or ``"l2"`` (the authors' diffusers Flux file).
+        norm: ``"l1"`` (the paper's; the default) or ``"l2"`` (the authors' diffusers Flux file).
         mode: ``"exact"`` (the authors' semantics, docs/spec.md "Exact mode on FLUX.1": FLUX.1's single-stream
             blocks run at ``2B`` image rows, ~1.7x the FLOPs of a plain step at 1024x1024) or ``"fast"`` ("Fast
             mode": the image stream stays at ``B`` rows in every block, only the text tokens are duplicated; image
             queries attend once over the image keys and per branch over the text keys, LSE-merged with the NAG
             combine fused in; ~1.1x). On FLUX.1 fast mode equals exact mode in the double-stream blocks and is a
             different, cheaper definition in the single-stream blocks. ``None``: the family's default.
-        backend: kernel backend for ``nag_kernels.nag`` / ``nag_kernels.nag_merge``: ``"auto"``, ``"triton"`` or
-            ``"torch"``.
+        backend: kernel backend for ``nag_kernels.nag`` / ``nag_kernels.nag_merge``: ``"auto"`` (the default),
+            ``"triton"`` or ``"torch"``.
 
     Applying twice updates the settings, the mode included (it never stacks); ``remove_nag`` undoes everything;
     ``with nag(pipe, ...):`` does both. Settings belong to the pipeline they were applied to: pipelines sharing a
@@ -183,6 +187,10 @@ def apply_nag(
         ... ).images[0]
     """
     given = dict(scale=nag_scale, tau=nag_tau, alpha=nag_alpha, end=nag_end, norm=norm, mode=mode, backend=backend)
+    if config is not None:  # torchao's form: every setting from the config, keywords override single fields
+        if not isinstance(config, NAGConfig):
+            raise TypeError(f"config must be a NAGConfig, got {type(config).__name__}")
+        given = {**dataclasses.asdict(config), **{k: v for k, v in given.items() if v is not None}}
     if _modular.is_modular(pipe_or_transformer):  # a ModularPipeline: modular.py (docs/modular.md)
         return _modular.apply(pipe_or_transformer, given)
     if _is_pipeline(pipe_or_transformer):

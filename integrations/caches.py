@@ -354,11 +354,6 @@ def _hooks_outside(model: torch.nn.Module) -> None:
         root.invalidate_child_registries_cache()
 
 
-def check_model(model: torch.nn.Module, who: str = "apply_nag") -> None:
-    """Nothing is refused when NAG is applied: every cache works on calls without NAG, and the one configuration NAG
-    cannot guide (FasterCache with ``is_guidance_distilled=False``) is refused at a NAG call (``_refuse``)."""
-
-
 def guard(model: torch.nn.Module) -> None:
     """Make ``model``'s diffusers caches keep one state per batch layout, now and after ``model.enable_cache``, until
     ``unguard`` (called by ``apply_nag`` after patching, on every apply; the layout of each forward comes from NAG's

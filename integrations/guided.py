@@ -16,6 +16,7 @@ through the family's attention-kwargs argument.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -50,13 +51,20 @@ class NAGForward:
 
     @classmethod
     def of(cls, batch: int, text_len: int, config: NAGConfig, guided: int | None = None) -> "NAGForward":
-        scale, tau, alpha = (torch.tensor(float(v), dtype=torch.float64) for v in (config.scale, config.tau, config.alpha))
+        scale, tau, alpha = _scalar_tensors(float(config.scale), float(config.tau), float(config.alpha))
         return cls(batch, text_len, scale, tau, alpha, config.norm, config.backend, config.mode, guided)
 
     @property
     def guided_rows(self) -> int:
         """How many latent rows are guided: all ``batch`` of them, or the last ``guided`` under batched CFG."""
         return self.batch if self.guided is None else self.guided
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_tensors(scale: float, tau: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The settings as 0-dim float64 CPU tensors, made once per distinct value (never written to: read-only inputs
+    of every forward that uses them, from any thread)."""
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in (scale, tau, alpha))
 
 
 @dataclasses.dataclass

@@ -87,3 +87,15 @@ def test_diffusers_range_refuses_below_the_floor_and_warns_above_the_newest_test
         versions.check("0.42.2.dev0")
     with pytest.warns(UserWarning, match="tested on diffusers 0.35.0 to 0.42.1, found 0.43.0"):
         versions.check("0.43.0")
+
+
+def test_a_nag_config_gives_every_setting_and_keywords_override_single_fields():
+    from nag_kernels.integrations import NAGConfig
+
+    given = NAGConfig(scale=7.0, tau=2.0, alpha=0.4, end=0.5, mode="fast", backend="torch")
+    assert config(apply_nag(flux_toy.transformer(), given)) == given
+    pipe = apply_nag(flux_toy.pipeline(FluxKontextPipeline), given, nag_tau=3.0)
+    assert config(pipe.transformer) == NAGConfig(scale=7.0, tau=3.0, alpha=0.4, end=0.5, mode="fast", backend="torch")
+    assert pipe._nag_config.end == 0.5  # the config's, not Kontext's recommended 0.25
+    with pytest.raises(TypeError, match="config must be a NAGConfig, got dict"):
+        apply_nag(flux_toy.transformer(), {"scale": 7.0})
