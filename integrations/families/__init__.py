@@ -24,6 +24,7 @@ FAMILIES = {
     "sdxl": "SDXL",
     "ltx": "LTX-Video",
     "sana": "Sana, Sana-Sprint, Sana-Video",
+    "kandinsky6": "Kandinsky 6",
     "krea2": "Krea 2 (Krea2Transformer2DModel)",
 }
 
