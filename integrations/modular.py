@@ -77,7 +77,8 @@ class ModularSpec:
         pipelines: modular blocks class name -> the classic pipeline whose recommended settings apply
             (``{"FluxKontextAutoBlocks": "FluxKontextPipeline"}``).
         unconditional: run the text-encoder block with unconditional embeddings even when the guider needs none
-            (Wan: diffusers 0.42.1's ``WanTextEncoderStep`` fails without them, and its denoise step requires them).
+            (Wan, LTX-Video: on diffusers 0.42.1 their denoise steps require the negative embeddings, so their stock
+            modular pipelines cannot run with CFG off; ``WanTextEncoderStep`` even fails without them).
         join: optional ``join(positive, negative)`` for families whose per-branch conditioning is not one tensor
             per row set (Z-Image: a list of ``[L_i, D]`` tensors): ``positive`` and ``negative`` map state names to
             values with ``B`` rows each.
@@ -147,6 +148,7 @@ SPECS: dict[str, ModularSpec] = {
         model_names=("ltx",),
         outputs={0: "prompt_embeds", 1: "prompt_attention_mask"},
         guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"},
+        unconditional=True,
     ),
 }
 
@@ -514,9 +516,10 @@ class NAGLoopDenoiser(ModularPipelineBlocks):
 
 
 class _WithUnconditional(ModularPipelineBlocks):
-    """A text-encoder step run as if the guider needed unconditional embeddings (``ModularSpec.unconditional``):
-    diffusers 0.42.1's ``WanTextEncoderStep`` fails without them, so stock modular Wan cannot run with CFG off; NAG
-    with CFG off (distilled Wan) needs it to."""
+    """A text-encoder step run as if the guider needed unconditional embeddings (``ModularSpec.unconditional``): on
+    diffusers 0.42.1 the Wan and LTX-Video denoise steps require the negative embeddings (and ``WanTextEncoderStep``
+    fails without them), so their stock modular pipelines cannot run with CFG off; NAG with CFG off (distilled Wan)
+    needs them to. With CFG off the guider leaves them unused."""
 
     def __init__(self, block: ModularPipelineBlocks):
         super().__init__()
