@@ -278,7 +278,7 @@ def zimage(key: str, resolution: int, caption: int = model_zimage.TEXT_TOKENS, n
     )
 
 
-# FLUX.1 fast mode's ratio at 1024^2 in benchmarks/results/flops-meta-20261127-100236.json (84.135 / 74.385 TFLOP):
+# FLUX.1 fast mode's ratio at 1024^2 as the flops suite counts it (84.135 / 74.385 TFLOP, docs/performance.md):
 # Chroma's target when the flux1-1024 row is not in the same run.
 FLUX1_FAST_1024_RATIO = 84135379992576 / 74384653418496
 AT_MOST_1_15 = Target(1.15, "<= 1.15x")

@@ -441,7 +441,7 @@ def import_integrations():
     """``nag_kernels.integrations``, also when nag_kernels is imported from the repo root rather than installed.
 
     The package maps ``integrations/`` to ``nag_kernels.integrations`` at install time (pyproject package-dir); a
-    bare ``PYTHONPATH=$PWD`` checkout (the GPU machine) has no such directory under ``nag_kernels/``, so load it from
+    bare ``PYTHONPATH=$PWD`` checkout (e.g. a GPU host with only torch, triton and a diffusers wheel) has no such directory under ``nag_kernels/``, so load it from
     the repo under that name. Raises ImportError when the integration (or diffusers) is missing.
     """
     import importlib

@@ -30,7 +30,7 @@ other      ``"math"``
 
 ``"cudnn"`` (``aten._scaled_dot_product_cudnn_attention``, fp16/bf16, D % 8 == 0, D <= 128, sm80+; LSE
 ``[B, H, Nq, 1]``) comes first on Hopper GPUs, as it does in PyTorch's own SDPA choice there: on an H200 (torch 2.11,
-``benchmarks/results/h200-20261127-run4``) FLUX.1's plain attention ran in cuDNN's Hopper kernel at 23.3 ms per step
+the step profile in docs/performance.md) FLUX.1's plain attention ran in cuDNN's Hopper kernel at 23.3 ms per step
 while fast mode's split parts, about the same FLOPs, took 44.3 ms in the ``"flash"`` kernel. Its LSE output and the
 merge were verified on that H200 (``tests/test_merge_cuda.py``); elsewhere it is used only when asked for, since
 what it accepts depends on the installed cuDNN version.
@@ -43,9 +43,9 @@ Autograd: ``out`` and ``lse`` are both differentiable w.r.t. ``q``, ``k``, ``v``
 kernel op's own backward; ``lse``, which the kernel ops return detached, through ``_KernelLSE`` (its backward runs one
 more attention forward and backward of the same kernel); the ``"math"`` path through its ``logsumexp``.
 
-Verification: the CPU paths run in the tests (compared with one attention over concatenated keys). The CUDA paths
-cannot run on the development machine; they are written against the op schemas of torch 2.11-2.13 and checked only
-on meta tensors (output shapes, dtypes, strides, the LSE slicing, FLOP counts).
+Verification: the CPU paths run in the CPU test suite (compared with one attention over concatenated keys). The CUDA
+paths are written against the op schemas of torch 2.11-2.13; the CPU suite checks them on meta tensors (output shapes,
+dtypes, strides, the LSE slicing, FLOP counts) and ``tests/test_merge_cuda.py`` runs them on a GPU.
 
 FLOP counting: every path is visible to ``torch.utils.flop_counter.FlopCounterMode`` with ``4 * B * H * Nq * Nk * D``
 FLOPs (two matmuls). torch 2.11-2.13 have no formula for the CPU flash op, so it counts 0 there (pytorch issue

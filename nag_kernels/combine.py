@@ -153,8 +153,8 @@ def launch_config(C: int, n_rows: int) -> dict:
       program (at least 1, at most 16 and no more than the rows there are), so a program holds about 4096 elements.
     - ``C > MAX_BLOCK_C``: chunked kernel, one row per program, ``BLOCK_C = CHUNK_C``.
     - ``num_warps``: one warp per 512 elements of the tile (16 values per thread per tensor), between 1 and 8.
-      Measured on an H200 (``benchmarks/sweep_combine.py``, results/h200-20261127-run1): 8 warps for a whole
-      8192-wide row ran 1.27x faster than 16; for 1024-4096-wide tiles 4 and 8 warps were within noise.
+      Measured on an H200 with ``python -m benchmarks sweep`` (every launch setting; docs/performance.md): 8 warps for
+      a whole 8192-wide row ran 1.27x faster than 16; for 1024-4096-wide tiles 4 and 8 warps were within noise.
 
     The returned dict is cached: do not modify it.
     """

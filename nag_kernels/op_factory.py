@@ -127,8 +127,8 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     """Whether an eager call may skip the ``torch.library`` dispatcher and run the implementation directly.
 
     The dispatcher costs tens of microseconds of host time per call, which dominates at Flux sizes when the GPU is
-    not ahead of the host: on an H200 machine a 27 us kernel took 157 us per call through the op, and a call that
-    skips it costs 47 us of host time (benchmarks/results/h200-20261127-run1 and run3).
+    not ahead of the host: on an H200 a 27 us kernel took 157 us per call through the op, and a call that skips it
+    costs 47 us of host time (docs/performance.md, "The combine kernel").
     The op is needed only where something must see it: ``torch.compile`` tracing, tensor subclasses (fake/functional
     tensors), meta tensors, an active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``), and autograd (an input that
     requires grad while grad mode is on: the op carries the backward formula). Plain eager calls on real tensors
