@@ -23,6 +23,7 @@ FAMILIES = {
     "wan": "Wan 2.1 / 2.2",
     "sdxl": "SDXL",
     "ltx": "LTX-Video",
+    "ltx2": "LTX-2 (2.0, 2.3, 2.5)",
     "sana": "Sana, Sana-Sprint, Sana-Video",
     "kandinsky6": "Kandinsky 6",
     "krea2": "Krea 2 (Krea2Transformer2DModel)",
