@@ -61,8 +61,17 @@ class NAGProcessor:
         self.inner._parallel_config = value
 
     def attend(self, query, key, value, attention_mask=None) -> torch.Tensor:
-        """Attention through ``dispatch_attention_fn`` (the user's backend): ``[B, S, H, D]`` -> ``[B, S, H * D]``."""
-        extra = {"parallel_config": self._parallel_config} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
+        """Attention through ``dispatch_attention_fn`` (the user's backend and parallel config): ``[B, S, H, D]`` ->
+        ``[B, S, H * D]``."""
+        return self._dispatch(query, key, value, attention_mask, self._parallel_config)
+
+    def attend_local(self, query, key, value, attention_mask=None) -> torch.Tensor:
+        """``attend`` without the parallel config, for cross-attention over a text that context parallelism never
+        splits (as diffusers' own cross-attention processors do)."""
+        return self._dispatch(query, key, value, attention_mask, None)
+
+    def _dispatch(self, query, key, value, attention_mask, parallel_config) -> torch.Tensor:
+        extra = {"parallel_config": parallel_config} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend, **extra)
         return out.flatten(2, 3).to(query.dtype)
 

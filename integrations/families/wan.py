@@ -20,7 +20,6 @@ are patched and guided; the pipeline's ``boundary_ratio`` picks the expert per s
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanAttnProcessor,
@@ -33,7 +32,7 @@ from .. import call_state, cross_attention
 from ..family import Family
 from ..guided import rows
 from ..pipeline import PromptAdapter
-from ..processor import _DISPATCH_TAKES_PARALLEL_CONFIG, NAGProcessor
+from ..processor import NAGProcessor
 from ..registry import register_family
 from ..versions import optional
 
@@ -58,12 +57,6 @@ class NAGWanAttnProcessor(NAGProcessor):
 
     stock = WanAttnProcessor
 
-    def _cross_attend(self, query, key, value, mask=None):
-        # Like the stock processor: cross-attention is never context-parallel (the text is not split).
-        extra = {"parallel_config": None} if _DISPATCH_TAKES_PARALLEL_CONFIG else {}
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend, **extra)
-        return out.flatten(2, 3).type_as(query)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         nag = call_state.record()
         if not cross_attention.is_guided_call(nag, hidden_states, encoder_hidden_states):
@@ -77,12 +70,12 @@ class NAGWanAttnProcessor(NAGProcessor):
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        out = cross_attention.guided_cross_attention(self._cross_attend, query, key, value, nag, attention_mask,
+        out = cross_attention.guided_cross_attention(self.attend_local, query, key, value, nag, attention_mask,
                                                      attention_mask)
         if image_context is not None:  # the I2V image context: once, unguided, added after the combine
             key_img, value_img = _get_added_kv_projections(attn, image_context)
             key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
-            out = out + self._cross_attend(query, key_img, value_img.unflatten(2, (attn.heads, -1)))
+            out = out + self.attend_local(query, key_img, value_img.unflatten(2, (attn.heads, -1)))
         return attn.to_out[1](attn.to_out[0](out))
 
 
