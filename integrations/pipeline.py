@@ -218,9 +218,9 @@ def _make_nag_class(base: type) -> type:
     names = (*family.prompts.names, *SETTINGS)
 
     def __call__(self, *args, **kwargs):
-        nag = {name: kwargs.pop(name) for name in names if name in kwargs}
-        nag = {name: value for name, value in nag.items() if value is not None}
-        return _call(self, base, family, args, kwargs, nag)
+        nag_args = {name: kwargs.pop(name) for name in names if name in kwargs}
+        nag_args = {name: value for name, value in nag_args.items() if value is not None}
+        return _call(self, base, family, args, kwargs, nag_args)
 
     __call__.__doc__ = (
         f"``{base.__name__}.__call__`` with Normalized Attention Guidance (nag-kernels). Extra arguments: "
@@ -249,19 +249,19 @@ def _guided_models(pipe, family) -> list:
     return models
 
 
-def _call(pipe, base: type, family, args, kwargs, nag: dict):
-    if not nag:
+def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
+    if not nag_args:
         return base.__call__(pipe, *args, **kwargs)
     models = _guided_models(pipe, family)
-    settings = {key[len("nag_"):]: nag.get(key) for key in SETTINGS}
+    settings = {key[len("nag_"):]: nag_args.get(key) for key in SETTINGS}
     defaults = pipe.__dict__.get(PIPELINE_CONFIG) or state_of(models[0]).config
     config = defaults.replace(**settings)
     adapter = family.prompts
-    negatives = {name: nag.get(name) for name in adapter.names}
+    negatives = {name: nag_args.get(name) for name in adapter.names}
     adapter.check_values(negatives)
     adapter.check(negatives)
     has_negative = any(value is not None for value in negatives.values())
-    if config.scale <= 1 or not (has_negative or "nag_scale" in nag):
+    if config.scale <= 1 or not (has_negative or "nag_scale" in nag_args):
         return base.__call__(pipe, *args, **kwargs)
 
     call_args = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments
