@@ -25,6 +25,8 @@ FAMILIES = {
     "ltx": "LTX-Video",
     "ltx2": "LTX-2 (2.0, 2.3, 2.5)",
     "sana": "Sana, Sana-Sprint, Sana-Video",
+    "qwenimage21": "Qwen-Image 2.1",
+    "hunyuanvideo15": "HunyuanVideo 1.5",
     "kandinsky6": "Kandinsky 6",
     "krea2": "Krea 2 (Krea2Transformer2DModel)",
 }
