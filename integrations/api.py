@@ -17,7 +17,7 @@ from . import modular as _modular
 from . import pipeline as _pipeline
 from .config import NAGConfig
 from .forward_patch import parameter_names
-from .guided import STATE_ATTR, NAGState, post_hook, pre_hook, state_of
+from .guided import STATE_ATTR, NAGState, post_hook, pre_hook, state_of, uncarry
 from .install import install, uninstall
 from .pipeline import PIPELINE_CONFIG
 from .registry import family_for, family_for_pipeline, supported_pipelines
@@ -82,6 +82,7 @@ def _remove_model(model) -> None:
     if state.post_hook is not None:
         state.post_hook.remove()
     uninstall(state.family, model, state.installed)
+    uncarry(model)
     delattr(model, STATE_ATTR)
     _caches.unguard(model)
 

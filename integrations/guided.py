@@ -189,7 +189,51 @@ def pre_hook(module, args, kwargs):
             kw[name] = doubled(name, kw[name], batch)
     record = NAGForward.of(batch, family.text_len(text), config)
     family.deliver(kw, extra, record)
+    if not family.passes_attention_kwargs and getattr(module, "gradient_checkpointing", False):
+        carry_record_into_checkpoints(module)
     return (), kw
+
+
+CHECKPOINT_ORIGINAL = "_nag_checkpoint_original"
+
+
+def _checkpoint_with_record(original):
+    """diffusers' ``_gradient_checkpointing_func`` carrying the per-thread record into each checkpointed block: the
+    block is called again in backward (recomputation), after this forward's record is gone, possibly on the autograd
+    engine's own thread; the record is bound to the call here and set around both runs."""
+
+    def checkpoint(block, *args):
+        record = call_state.record()
+        if record is None:
+            return original(block, *args)
+
+        def run(*inputs):
+            before = call_state.record()
+            call_state.set_record(record)
+            try:
+                return block(*inputs)
+            finally:
+                call_state.set_record(before)
+
+        return original(run, *args)
+
+    checkpoint.__dict__[CHECKPOINT_ORIGINAL] = original
+    return checkpoint
+
+
+def carry_record_into_checkpoints(module) -> None:
+    """Wrap ``module``'s gradient-checkpointing function (set by diffusers' ``enable_gradient_checkpointing``, maybe
+    after ``apply_nag``) once, so that recomputed blocks see the guided forward's record; ``uncarry`` undoes it."""
+    original = module.__dict__.get("_gradient_checkpointing_func")
+    if original is not None and CHECKPOINT_ORIGINAL not in getattr(original, "__dict__", {}):
+        module.__dict__["_gradient_checkpointing_func"] = _checkpoint_with_record(original)
+
+
+def uncarry(module) -> None:
+    current = module.__dict__.get("_gradient_checkpointing_func")
+    original = getattr(current, "__dict__", {}).get(CHECKPOINT_ORIGINAL)
+    if original is not None:
+        module.__dict__["_gradient_checkpointing_func"] = original
 
 
 def post_hook(module, args, kwargs, output):
@@ -210,4 +254,6 @@ def _batched_cfg(module, family, config: NAGConfig, kw: dict, extra: dict, batch
     text = kw[family.text]
     record = NAGForward.of(batch, family.text_len(text), config, guided)
     family.deliver(kw, extra, record)
+    if not family.passes_attention_kwargs and getattr(module, "gradient_checkpointing", False):
+        carry_record_into_checkpoints(module)
     return (), kw

@@ -270,10 +270,6 @@ def test_bad_input_gets_clear_errors_and_the_model_stays_usable():
         run(model, {**batched, "encoder_hidden_states_llama3": batched["encoder_hidden_states_llama3"][:, :2]})
     with pytest.raises(ValueError, match="pooled_embeds must have batch 3"):
         run(model, {**batched, "pooled_embeds": batched["pooled_embeds"][:2]})
-    model.enable_gradient_checkpointing()
-    with torch.enable_grad(), pytest.raises(NotImplementedError, match="gradient checkpointing"):
-        model(**kw)
-    model.disable_gradient_checkpointing()
     assert call_state.record() is None
     torch.testing.assert_close(run(model, kw), reference(model, kw), rtol=0, atol=1e-10)  # still usable
 

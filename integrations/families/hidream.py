@@ -335,13 +335,6 @@ def _check(model, kw: dict, batch: int) -> None:
     """Before a guided forward (``batch`` latent rows; the text rows are ``2 * batch``, or ``batch + g`` under batched
     CFG), also one whose NAG is off at this step."""
     _refuse_parallel(getattr(model, "_parallel_config", None))
-    if torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False):
-        # The blocks' recomputation in backward runs after the forward, without the forward's record.
-        raise NotImplementedError(
-            "NAG on HiDream-I1 does not support gradient checkpointing (the blocks are recomputed in backward, after "
-            "the guided forward): call model.disable_gradient_checkpointing(), or run the guided forward under "
-            "torch.no_grad()"
-        )
     _check_rows(kw, rows(kw.get(T5)))
 
 
