@@ -77,7 +77,8 @@ class Family:
         expand: forward arguments given with ``B`` or ``2B`` rows that a guided forward needs at ``2B`` (FLUX.1:
             ``timestep``, ``guidance``, since its text stream is modulated per branch).
         timestep, timestep_scale: the timestep argument and the factor that maps it to a scheduler timestep in
-            [0, 1000] (FLUX.1 passes ``t / 1000``: 1000).
+            [0, 1000] (FLUX.1 passes ``t / 1000``: 1000), or ``timestep_scale(model) -> float`` where it depends on
+            the model's configuration (Sana-Sprint's timestep is in [0, 1], Sana's in [0, 1000]).
         attention_kwargs: the forward argument through which the ``NAGForward`` record reaches the processors (and
             through which a call may override ``nag_scale`` ...).
         passes_attention_kwargs: whether the model's forward passes those kwargs down to the attention processors.
@@ -114,7 +115,7 @@ class Family:
     per_branch: tuple[str, ...] = ()
     expand: tuple[str, ...] = ()
     timestep: str = "timestep"
-    timestep_scale: float = 1.0
+    timestep_scale: float | Callable = 1.0
     attention_kwargs: str | None = "joint_attention_kwargs"
     modes: tuple[str, ...] = ("exact", "fast")
     batched_cfg: bool = False
@@ -133,6 +134,10 @@ class Family:
     def recommended(self, pipeline: str | None = None) -> dict:
         """The recommended settings (``NAGConfig`` field -> value) for ``pipeline`` (a class name) or the model."""
         return {**self.defaults, **self.pipelines.get(pipeline or "", {})}
+
+    def scale_of(self, model) -> float:
+        """``timestep_scale`` for ``model``."""
+        return self.timestep_scale(model) if callable(self.timestep_scale) else self.timestep_scale
 
     def check_guided(self, model, kw: dict, batch: int) -> None:
         """Refuse a guided forward the model cannot run: the family's own ``check`` (its more specific errors first),

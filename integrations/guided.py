@@ -178,7 +178,7 @@ def pre_hook(module, args, kwargs):
             raise ValueError(f"{name} must have batch {2 * batch} like {family.text}, got {rows(kw[name])}")
     family.check_guided(module, kw, batch)
 
-    on = is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value)
+    on = is_on(config, kw.get(family.timestep), family.scale_of(module), family.timestep_value)
     if not on:  # a plain forward at the plain cost
         for name in (family.text, *family.per_branch, *family.expand):
             if kw.get(name) is not None:
@@ -246,7 +246,7 @@ def _batched_cfg(module, family, config: NAGConfig, kw: dict, extra: dict, batch
     holds one row per latent row followed by the NAG-negative rows of the last ``guided`` latent rows (the
     conditional ones): only those are guided; the unconditional rows run plain."""
     family.check_guided(module, kw, batch)  # e.g. a processor NAG does not wrap: refused here, not deep in diffusers
-    if not is_on(config, kw.get(family.timestep), family.timestep_scale, family.timestep_value):
+    if not is_on(config, kw.get(family.timestep), family.scale_of(module), family.timestep_value):
         for name in (family.text, *family.per_branch):  # per-text-row tensors lose the NAG-negative rows too
             if rows(kw.get(name)) == batch + guided:
                 kw[name] = kw[name][:batch]

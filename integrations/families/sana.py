@@ -27,9 +27,8 @@ passes its attention kwargs to the blocks, so the record reaches the processors 
 
 ``nag_end`` is tested on the noisiest token's timestep (``torch.amax``: Sana-Video I2V passes per-token timesteps).
 Sana and Sana-Video take ``t`` in [0, 1000]; Sana-Sprint (``guidance_embeds``) takes SCM's
-``sin(s) / (sin(s) + cos(s))`` in [0, 1] (1 = pure noise), scaled by 1000 (``SanaFamily.check_guided`` passes the
-factor to ``_noise_level`` through a ``call_state`` slot, since the family's ``timestep_value`` does not see the
-model).
+``sin(s) / (sin(s) + cos(s))`` in [0, 1] (1 = pure noise), scaled by 1000 (``Family.timestep_scale`` as a function
+of the model's configuration).
 
 diffusers has no context-parallel plan (``_cp_plan``) for these models; a guided call on a model with a parallel
 config is refused (``_refuse_parallel``).
@@ -65,13 +64,9 @@ PIPELINES = {
 }
 VIDEO_PIPELINES = {"SanaVideoPipeline": {}, "SanaImageToVideoPipeline": {}}
 
-_TIMESTEP_SCALE = "sana_timestep_scale"  # call_state slot: check_guided -> _noise_level, within one pre-hook
-
-
 def _caption_forward(self, *args, **kwargs):
     """``forward`` of the caption projection: in a guided forward, ``[L + g, T, C]`` -> ``[L, (L + g) * T, C]`` (all
     text rows as one sequence, broadcast to the ``L`` latent rows); otherwise the stock forward."""
-    call_state.take(_TIMESTEP_SCALE)  # the pre-hook is over: no stale factor for a later forward on this thread
     out = forward_patch.call_previous(self, **as_kwargs(self._nag_names, args, kwargs))
     nag = call_state.record()  # the guided forward in progress on this thread, else None
     if nag is None:
@@ -176,20 +171,6 @@ def _timestep_scale(model) -> float:
     return 1000.0 if getattr(model.config, "guidance_embeds", False) else 1.0
 
 
-def _noise_level(timestep: torch.Tensor) -> torch.Tensor:
-    """``nag_end``'s value: the noisiest token's timestep, scaled by this forward's factor (``SanaFamily``)."""
-    return torch.amax(timestep) * call_state.take(_TIMESTEP_SCALE, 1.0)
-
-
-class SanaFamily(Family):
-    """Sana's family: ``nag_end`` needs the model's timestep scale (Sana-Sprint's SCM timestep is in [0, 1]). The
-    pre-hook calls ``check_guided`` right before it tests ``nag_end`` (``guided.is_on``), in both guided paths."""
-
-    def check_guided(self, model, kw: dict, batch: int) -> None:
-        super().check_guided(model, kw, batch)
-        call_state.put(_TIMESTEP_SCALE, _timestep_scale(model))
-
-
 class SanaPrompts(PromptAdapter):
     """Sana's pipelines encode a negative like their own CFG negative prompt: without the complex human instruction,
     no CFG negative of its own. ``SanaSprintPipeline``'s ``encode_prompt`` has no ``do_classifier_free_guidance``:
@@ -231,7 +212,7 @@ _COMMON = dict(
     check=_check,
 )
 
-SANA = SanaFamily(
+SANA = Family(
     name="Sana",
     models=tuple(m for m in (SanaTransformer2DModel, SanaControlNetModel) if m is not None),
     acts_in="the text cross-attention attn2 of every block (the ControlNet's too), each branch with its own text mask",
@@ -240,7 +221,8 @@ SANA = SanaFamily(
     pipelines=PIPELINES,
     defaults=DEFAULTS,
     guided_models=("transformer", "controlnet"),
-    timestep_value=_noise_level,
+    timestep_scale=_timestep_scale,
+    timestep_value=torch.amax,  # per-token timesteps (Sana-Video I2V): the noisiest token
     **_COMMON,
 )
 register_family(SANA)
