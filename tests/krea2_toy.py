@@ -85,13 +85,17 @@ def vae() -> AutoencoderKLQwenImage:
     ).eval()
 
 
-def pipeline(dtype=torch.float64, distilled: bool = False, layers: int = 2) -> Krea2Pipeline:
+def pipeline(dtype=torch.float64, distilled: bool = False, layers: int = 2, modular_taps: bool = False):
+    """``Krea2Pipeline`` on the tiny components; ``modular_taps``: a 36-layer encoder tapped where diffusers' modular
+    text-encoder step taps it (``MODULAR_LAYERS``: 12 layers stacked), so the modular blocks can share the components."""
     tok = tokenizer()
+    taps = MODULAR_LAYERS if modular_taps else LAYERS
     pipe = Krea2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                   base_image_seq_len=256, max_image_seq_len=6400),
-        vae=vae(), text_encoder=text_encoder(len(tok)), tokenizer=tok, transformer=transformer(layers=layers),
-        text_encoder_select_layers=LAYERS, is_distilled=distilled,
+        vae=vae(), text_encoder=text_encoder(len(tok), layers=36 if modular_taps else 3), tokenizer=tok,
+        transformer=transformer(layers=layers, num_text_layers=len(taps)), text_encoder_select_layers=taps,
+        is_distilled=distilled,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
