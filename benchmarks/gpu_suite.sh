@@ -107,7 +107,8 @@ if wants tests; then
   echo
   echo "== phase tests (limit 100s, suite elapsed $((SECONDS - T0))s): GPU-only correctness tests"
   TRITON_INTERPRET=0 timeout --signal=TERM --kill-after=15 100 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_nag_cuda.py tests/test_merge_cuda.py tests/test_partial_norm_cuda.py 2>&1 | tail -n 40
+    tests/test_nag_cuda.py tests/test_merge_cuda.py tests/test_partial_norm_cuda.py \
+    tests/test_gradients_and_scale_cuda.py 2>&1 | tail -n 40
   echo "== phase tests: exit ${PIPESTATUS[0]}"
 fi
 wants kernel && phase kernel 150 kernel --preset gpu-suite --budget-s 120 "${KERNEL_SMOKE[@]}"
