@@ -141,3 +141,24 @@ def test_meta_device_guided_forward():
     with torch.no_grad():
         out = model(**kw, return_dict=False)[0]
     assert out.device.type == "meta" and out.shape == kw["hidden_states"].shape
+
+
+@pytest.mark.usefixtures("float64_throughout")
+@pytest.mark.parametrize("order", ["offload-then-nag", "nag-then-offload"])
+def test_group_offloading_in_either_order(order):
+    model = krea2_toy.transformer().double()
+    kw = inputs()
+    expected, plain = reference(model, kw), run(model, positive(kw))
+    cpu = torch.device("cpu")
+
+    def offload():
+        model.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+
+    def nag():
+        apply_nag(model, backend="torch")
+
+    for step in ((offload, nag) if order == "offload-then-nag" else (nag, offload)):
+        step()
+    torch.testing.assert_close(run(model, kw), expected, rtol=0, atol=1e-10)
+    remove_nag(model)
+    torch.testing.assert_close(run(model, positive(kw)), plain, rtol=0, atol=0)
