@@ -9,8 +9,9 @@ Two configurations of ``LTX2VideoTransformer3DModel``, each with its own text co
 - ``"mixed"``: caption projections *and* the sigma text modulation (no public checkpoint; the class allows it).
 
 Video 2 heads x 8 (width 16), audio 2 heads x 4 (width 8), a Gemma3 text encoder of width 16 (2 layers, so the
-connectors take 16 x 3 channels) with a tokenizer built in code, 16 text tokens, a one-level video VAE (32x32, 5
-frames -> 3 latent frames of 16x16 = 768 video tokens; 5 audio tokens at 25 fps), the tiny audio VAE and vocoder.
+connectors take 16 x 3 channels) with a tokenizer built in code, 16 text tokens, a two-level video VAE (4x in space
+and time: 32x32, 5 frames -> 2 latent frames of 8x8 = 128 video tokens; 5 audio tokens at 25 fps), the tiny audio
+VAE and vocoder.
 Parameters are widened (``_widen``) so that the cross-attention visibly matters.
 """
 
@@ -106,11 +107,12 @@ def tokenizer():
 def vae() -> AutoencoderKLLTX2Video:
     torch.manual_seed(3)
     model = AutoencoderKLLTX2Video(
-        in_channels=3, out_channels=3, latent_channels=CHANNELS, block_out_channels=(8,),
-        decoder_block_out_channels=(8,), layers_per_block=(1,), decoder_layers_per_block=(1, 1),
-        spatio_temporal_scaling=(True,), decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False),
-        downsample_type=("spatial",), upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False,
-        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        in_channels=3, out_channels=3, latent_channels=CHANNELS, block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), layers_per_block=(1, 1), decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True, True),
+        decoder_inject_noise=(False,) * 3, downsample_type=("spatiotemporal", "spatial"), upsample_residual=(False,) * 2,
+        upsample_factor=(1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+        decoder_causal=False,
     )
     model.use_framewise_encoding = model.use_framewise_decoding = False
     return model.eval()
