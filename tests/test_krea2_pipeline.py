@@ -161,3 +161,14 @@ def test_bad_nag_arguments_are_refused_clearly():
         pipe(nag_negative_prompt=["a", "b"], **kw)
     with pytest.raises(ValueError, match="scale"):
         pipe(nag_negative_prompt="blurry", nag_scale=0.5, **kw)
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 4.5], ids=["cfg-off", "cfg-on"])
+def test_negative_equal_to_the_prompt_and_scale_one_reproduce_the_stock_pipeline(guidance_scale):
+    pipe = krea2_toy.pipeline()
+    kw = dict(prompt=["a red fox", "a cat"], guidance_scale=guidance_scale, **COMMON)
+    stock = pipe(generator=gen(), **kw).images
+    apply_nag(pipe, backend="torch")
+    same = pipe(nag_negative_prompt=["a red fox", "a cat"], generator=gen(), **kw).images
+    torch.testing.assert_close(same, stock, rtol=0, atol=1e-12)
+    assert torch.equal(pipe(nag_negative_prompt="blurry", nag_scale=1.0, generator=gen(), **kw).images, stock)
