@@ -36,6 +36,7 @@ from . import model_chroma, model_flux2, model_ltx, model_qwenimage, model_sd3, 
 from . import random_flux
 from . import model_hidream
 from . import model_sana
+from . import model_kandinsky6
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 META = torch.device("meta")
@@ -332,6 +333,14 @@ MODELS: dict[str, FlopsModel] = {
                                                                                                "sana-video-2b")),
                    step_inputs=functools.partial(model_sana.flops_inputs, "832x480x81"), variants=ONE_MODE,
                    size="832x480x81", targets={"nag": Target(1.02, "<= 1.02x")}),
+        # Kandinsky 6.0 Pro (distill: diffusers' example checkpoint) at 864x480, 121 frames with audio (50220 video +
+        # 218 audio tokens), 1024 Qwen2.5-VL tokens; CFG is two forwards.
+        FlopsModel(key="kandinsky6-pro-864x480x121", config="Kandinsky 6.0 Pro", resolution="864x480x121",
+                   image_tokens=model_kandinsky6.video_tokens(model_kandinsky6.PRO, "864x480x121"),
+                   text_tokens=model_kandinsky6.TEXT_TOKENS, build=functools.cache(functools.partial(
+                       model_kandinsky6.build, "kandinsky6-pro-distill")),
+                   step_inputs=functools.partial(model_kandinsky6.flops_inputs, "864x480x121"), variants=ONE_MODE,
+                   size="864x480x121", tokens="50220+218 audio+1024", targets={"nag": Target(1.02, "<= 1.02x")}),
         # The Flux-shaped toy (configs.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),
