@@ -155,6 +155,11 @@ def table(doc: dict) -> str:
     return markdown(doc["rows"])
 
 
+def summary(doc: dict) -> list[str]:
+    add_ratios(doc["rows"])
+    return target_lines(doc["rows"])
+
+
 def target_cell(r: dict) -> str:
     t = r.get("target")
     if not t:

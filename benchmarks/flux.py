@@ -275,6 +275,11 @@ def table(doc: dict) -> str:
     return markdown(doc["rows"], evaluate_targets(doc["rows"], doc["environment"]["device_type"]))
 
 
+def summary(doc: dict) -> list[str]:
+    """The target's PASS/FAIL lines, recomputed from the rows (``python -m benchmarks.report`` prints them last)."""
+    return target_lines(evaluate_targets(doc["rows"], doc["environment"]["device_type"]))
+
+
 def plot(rows: list[dict], path) -> bool:
     plt = h.try_matplotlib()
     ok = [r for r in rows if r["status"] == "ok"]

@@ -129,19 +129,10 @@ shopt -s nullglob
 files=()
 for suite in kernel flux profile overhead sweep; do files+=("$OUT_DIR"/"$suite"-*.json); done
 if [ ${#files[@]} -gt 0 ]; then
+  # the tables, then every target's PASS/FAIL line last (recomputed from the rows: a phase stopped at its limit
+  # never wrote its own)
   "$PY" -m benchmarks.report "${files[@]}" || echo "== report failed"
 else
   echo "== no result files were written"
 fi
-"$PY" - "${files[@]}" <<'PY'
-# The kernel targets' PASS/FAIL lines last, so the end of the output holds them (recomputed from the rows: a kernel
-# phase stopped at its limit never wrote its own).
-import json, sys, torch
-from benchmarks import kernel
-for path in sys.argv[1:]:
-    doc = json.load(open(path))
-    if doc["suite"] == "kernel":
-        dev = torch.device(doc["environment"]["device_type"])
-        print("\n".join(kernel.target_lines(kernel.evaluate_targets(doc["rows"], dev))))
-PY
 echo "== gpu_suite.sh finished in $((SECONDS - T0))s"

@@ -292,8 +292,12 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
 
 def table(doc: dict) -> str:
     """The markdown body of a run, targets included (recomputed from the rows: a run stopped early has none)."""
-    targets = evaluate_targets(doc["rows"], torch.device(doc["environment"]["device_type"]))
-    return markdown(doc["rows"], targets)
+    return markdown(doc["rows"], evaluate_targets(doc["rows"], torch.device(doc["environment"]["device_type"])))
+
+
+def summary(doc: dict) -> list[str]:
+    """The targets' PASS/FAIL lines, recomputed from the rows (``python -m benchmarks.report`` prints them last)."""
+    return target_lines(evaluate_targets(doc["rows"], torch.device(doc["environment"]["device_type"])))
 
 
 def plot(rows: list[dict], path) -> bool:

@@ -2,7 +2,8 @@
 
 A suite module has ``HELP`` (one paragraph for ``--help``), ``run(args, device) -> harness.Results`` and
 ``table(doc) -> str`` (the markdown body of a run, from its JSON document: ``python -m benchmarks.report`` rerenders
-with it); ``add_arguments(group)`` when it has options of its own.
+with it); ``add_arguments(group)`` when it has options of its own; ``summary(doc) -> list[str]`` when it has targets
+(their PASS/FAIL lines, which the report prints after every table).
 """
 
 from __future__ import annotations

@@ -91,3 +91,16 @@ def test_report_refuses_an_unknown_suite(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(_doc("nonsense", [])))
     assert report.main([str(path)]) == 1
+
+
+def test_report_prints_every_target_last(tmp_path, capsys):
+    # the committed H200 runs, copied: the report rewrites the markdown beside each JSON
+    run = h.REPO_ROOT / "benchmarks" / "results" / "h200-20261127-run2"
+    paths = []
+    for src in sorted(run.glob("*.json")):
+        paths.append(tmp_path / src.name)
+        paths[-1].write_text(src.read_text())
+    assert report.main([str(p) for p in paths]) == 0
+    tail = capsys.readouterr().out.rstrip().splitlines()[-8:]  # flux's target per mode, then the kernel's six
+    assert [line.split(" ", 1)[0] for line in tail] == ["FAIL", "FAIL"] + ["FAIL", "PASS"] * 3, tail
+    assert "fast-mode step-time target" in tail[0] and "kernel bandwidth target" in tail[2]
