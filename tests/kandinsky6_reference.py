@@ -109,7 +109,8 @@ def rotate(x, angles):
 
 
 def attend(q, k, v, keep=None):
-    """``[R, S, H, D]`` queries over ``[R, T, H, D]`` keys (``keep [R, T]``: the keys that count) -> ``[R, S, H * D]``."""
+    """``[R, S, H, D]`` queries over ``[R, T, H, D]`` keys (``keep [R, T]``: the keys that count) ->
+    ``[R, S, H * D]``."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if keep is not None:

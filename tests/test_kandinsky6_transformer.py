@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.models.transformers.transformer_kandinsky6 import Kandinsky6AttnProcessor
 
+import kandinsky6_toy as toy  # first: it skips this module on a diffusers without Kandinsky 6
 import kandinsky6_reference as reference
-import kandinsky6_toy as toy
+from diffusers.models.transformers.transformer_kandinsky6 import Kandinsky6AttnProcessor
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 

@@ -50,7 +50,8 @@ PIPELINES = {"Kandinsky6TI2VAPipeline": {}}
 DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
 
 POOLED = "pooled_projections"
-MASK = 2  # index of the attention mask in encode_prompt's result (embeds, pooled, mask, neg embeds, neg pooled, neg mask)
+# encode_prompt's result: (embeds, pooled, mask, CFG negative embeds, its pooled, its mask)
+MASK = 2  # the index of the prompt's attention mask
 
 
 def _refuse_parallel(config, where: str) -> None:
