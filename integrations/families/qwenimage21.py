@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -310,11 +311,13 @@ class QwenImage21Family(Family):
 
 
 class QwenImage21Prompts(PromptAdapter):
-    """``QwenImage21Pipeline.encode_prompt`` returns ``(embeds, mask or None, image_pad_mask)``, each prompt at its
-    own length (right-padded in a batch) and the vision slots of the condition images in ``image_pad_mask`` (one row
-    per prompt; the model reads the first). The NAG negative is encoded with the same condition images, so its slots
-    sit at the prompt's positions (the images precede the text in the template); the two are padded to a common
-    length (padding masked out) and the prompt's ``image_pad_mask`` padded with it."""
+    """``QwenImage21Pipeline.encode_prompt`` returns ``(embeds, mask or None, image_pad_mask)``: each prompt at its own
+    length (right-padded in a batch) and the vision slots of the condition images in ``image_pad_mask`` (one row per
+    prompt; the model reads the first). Both branches of a guided forward share that layout, and the prompt keeps it
+    exactly: the NAG negative, encoded with the same condition images (its vision slots then sit at the prompt's
+    positions: the images precede the text in the template), is fitted to the prompt's length: padded (masked) when
+    shorter, cut to it when longer (with a warning). The prompt's rows, mask and ``image_pad_mask`` are unchanged, so
+    a plain step of a NAG call (past ``nag_end``) is the stock step."""
 
     def encode_negative(self, encode, encode_args: dict, result, negatives: dict) -> dict:
         given = any(negatives.get(name) is not None for name in self.embeds)
@@ -332,32 +335,33 @@ class QwenImage21Prompts(PromptAdapter):
         if n_embeds.dim() != 3 or n_embeds.shape[2:] != embeds.shape[2:]:
             raise ValueError(f"nag_negative_prompt_embeds must be [rows, tokens, {embeds.shape[-1]}] like the prompt's, "
                              f"got {tuple(n_embeds.shape)}")
-        length = max(embeds.shape[1], n_embeds.shape[1])
-
-        def padded(x, m, name):
-            m = torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if m is None else m.to(x.device)
-            if m.shape != x.shape[:2]:
-                raise ValueError(f"{name} must have shape {tuple(x.shape[:2])}, got {tuple(m.shape)}")
-            extra = length - x.shape[1]
-            return torch.nn.functional.pad(x, (0, 0, 0, extra)), torch.nn.functional.pad(m.to(torch.long), (0, extra))
-
-        embeds, mask = padded(embeds, mask, "prompt_embeds_mask")
-        n_embeds, n_mask = padded(n_embeds.to(device=embeds.device, dtype=embeds.dtype), n_mask,
-                                  "nag_negative_prompt_embeds_mask")
-        joined_mask = torch.cat([mask, n_mask.to(mask.device)])
+        length, own = embeds.shape[1], n_embeds.shape[1]
+        n_mask = torch.ones(n_embeds.shape[:2], dtype=torch.long, device=n_embeds.device) if n_mask is None else n_mask
+        if n_mask.shape != n_embeds.shape[:2]:
+            raise ValueError(f"nag_negative_prompt_embeds_mask must have shape {tuple(n_embeds.shape[:2])}, got "
+                             f"{tuple(n_mask.shape)}")
+        if own > length:
+            warnings.warn(
+                f"the NAG negative has {own} tokens, more than the prompt's {length}: Qwen-Image 2.1 runs both branches "
+                f"over the prompt's layout, so the negative is cut to its first {length} tokens. Shorten "
+                "nag_negative_prompt (or write a longer prompt) to keep all of it",
+                stacklevel=2,
+            )
+        pad = max(0, length - own)
+        n_embeds = torch.nn.functional.pad(n_embeds[:, :length], (0, 0, 0, pad))
+        n_mask = torch.nn.functional.pad(n_mask[:, :length].to(torch.long), (0, pad))
+        if layout is not None and n_layout is not None:
+            n_layout = torch.nn.functional.pad(n_layout[:, :length].to(device=layout.device, dtype=torch.bool), (0, pad))
+            if not bool((n_layout == layout[:1].to(torch.bool)).all()):
+                raise ValueError(
+                    "the NAG negative's condition-image slots must sit at the prompt's positions (Qwen-Image 2.1 "
+                    "reads one layout for both branches); encode it with the same condition images"
+                )
+        own_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+        joined_mask = torch.cat([own_mask.to(torch.long), n_mask.to(own_mask.device)])
         out = list(result)
-        out[0], out[1] = torch.cat([embeds, n_embeds]), None if bool(joined_mask.all()) else joined_mask
-        if layout is not None:
-            layout = torch.nn.functional.pad(layout.to(torch.bool), (0, length - layout.shape[1]))
-            if n_layout is not None:
-                n_layout = torch.nn.functional.pad(n_layout.to(device=layout.device, dtype=torch.bool),
-                                                   (0, length - n_layout.shape[1]))
-                if not bool((n_layout == layout[:1]).all()):
-                    raise ValueError(
-                        "the NAG negative's condition-image slots must sit at the prompt's positions (Qwen-Image 2.1 "
-                        "reads one layout for both branches); encode it with the same condition images"
-                    )
-            out[2] = layout
+        out[0] = torch.cat([embeds, n_embeds.to(device=embeds.device, dtype=embeds.dtype)])
+        out[1] = None if bool(joined_mask.all()) else joined_mask
         return type(result)(out) if isinstance(result, tuple) else out
 
 
@@ -377,7 +381,7 @@ QWENIMAGE21 = QwenImage21Family(
         prompts={"nag_negative_prompt": "prompt"},
         embeds={"nag_negative_prompt_embeds": 0, "nag_negative_prompt_embeds_mask": 1},
         optional=("nag_negative_prompt_embeds_mask",),  # None: every token counts, as encode_prompt returns it
-        per_branch=(0, 1, 2),  # 2: image_pad_mask (the prompt's, padded; the negative's only checked)
+        per_branch=(0, 1, 2),  # 2: image_pad_mask (the prompt's, unchanged; the negative's checked against it)
         forwarded=("device", "num_images_per_prompt", "image"),
     ),
     pipelines=PIPELINES,
