@@ -45,6 +45,20 @@ def test_lora_and_regional_compilation_with_changing_settings():
     assert all(torch.equal(a, b) for a, b in zip(toy.run(model, toy.plain(kw)), plain))
 
 
+def test_lora_added_after_apply_nag_with_set_adapters():
+    from peft import LoraConfig
+
+    model = apply_nag(toy.transformer().double(), backend="torch")
+    kw = toy.inputs()
+    model.add_adapter(LoraConfig(r=2, init_lora_weights=False, target_modules=["to_key", "to_value", "to_query"]),
+                      adapter_name="style")
+    model.set_adapters(["style"], weights=[0.5])  # diffusers finds the model class by name: no NAG subclass
+    close(toy.run(model, kw), reference.forward(model, **kw, **DEFAULTS))
+    remove_nag(model)
+    assert model.active_adapters() == ["style"]
+    close(toy.run(model, toy.plain(kw)), reference.forward(model, **toy.plain(kw)))
+
+
 def test_whole_model_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = apply_nag(toy.transformer().double(), backend="torch")
