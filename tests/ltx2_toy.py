@@ -59,14 +59,14 @@ def _widen(model, std: float = 0.4):
     return model
 
 
-def transformer(version: str = "2.0", layers: int = 2, seed: int = 0) -> LTX2VideoTransformer3DModel:
+def transformer(version: str = "2.0", layers: int = 2, seed: int = 0, **extra) -> LTX2VideoTransformer3DModel:
     torch.manual_seed(seed)
     model = LTX2VideoTransformer3DModel(
         in_channels=CHANNELS, out_channels=CHANNELS, patch_size=1, patch_size_t=1, num_attention_heads=2,
         attention_head_dim=8, cross_attention_dim=VIDEO_DIM, audio_in_channels=AUDIO_CHANNELS,
         audio_out_channels=AUDIO_CHANNELS, audio_num_attention_heads=2, audio_attention_head_dim=4,
         audio_cross_attention_dim=AUDIO_DIM, num_layers=layers, caption_channels=TEXT_DIM, vae_scale_factors=(2, 2, 2),
-        **_CONFIGS[version],
+        **{**_CONFIGS[version], **extra},
     )
     return _widen(model).eval()
 
@@ -101,6 +101,7 @@ def tokenizer():
     """The T5 tokenizer of flux_toy, as the LTX-2 pipelines use their tokenizer (left padding, ``max_length``)."""
     tok = flux_toy.t5_tokenizer()
     tok.model_max_length = SEQ_LEN
+    tok.padding_side = "left"  # as Gemma's: some pipelines read it once, when they are built
     return tok
 
 
@@ -136,11 +137,11 @@ def vocoder() -> LTX2Vocoder:
     ).eval()
 
 
-def components(version: str = "2.0", layers: int = 2, registers: int | None = None) -> dict:
+def components(version: str = "2.0", layers: int = 2, registers: int | None = None, **extra) -> dict:
     tok = tokenizer()
     return dict(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(), audio_vae=audio_vae(), text_encoder=text_encoder(len(tok)),
-        tokenizer=tok, connectors=connectors(version, registers), transformer=transformer(version, layers),
+        tokenizer=tok, connectors=connectors(version, registers), transformer=transformer(version, layers, **extra),
         vocoder=vocoder(),
     )
 
