@@ -11,15 +11,20 @@ keyword arguments of one step's forwards:
 NAG variants need ``apply_nag``; ``count(name, variant, resolution)`` does all of it and returns TFLOP.
 
 Configs (``transformer/config.json`` of the public Diffusers bundles, as quoted by sglang-diffusion's Kandinsky 6
-config tests and vLLM-Omni's Kandinsky 6 block profiler; not downloaded here): ``kandinsky6-pro-distill`` is
-``kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers`` (the checkpoint of diffusers' ``Kandinsky6TI2VAPipeline``
-example; 60 fused blocks of width 4096 (32 heads x 128) with an audio stream of width 2048 (16 x 128), FFN 16384 /
-7168, 4 text blocks per modality, Qwen2.5-VL-7B text of 3584 and CLIP-L pooled 768, pi-Flow heads of 10 x 16 video and
-10 x 40 audio channels); ``kandinsky6-pro`` is the non-distilled Pro bundle (``Kandinsky-6.0-Pro-sft-5s-Diffusers`` in sglang's
-tests; the same backbone, 16 / 40 output channels); ``kandinsky6-lite`` is Kandinsky 6.0 Lite (32 blocks of 1792 / 896). The latents are the HunyuanVideo VAE's
-(8x spatial, 4x temporal, 16 channels; the transformer takes 2 x 16 + 1 with the conditioning channels), the (1, 2, 2)
-patch; the audio is MMAudio's 44.1 kHz / 1024 latent at 24 fps (40 channels). The text is the pipeline's
-``max_sequence_length=1024``: ``_get_prompt_embeds`` pads every prompt to it (with a mask when padded).
+config tests and vLLM-Omni's Kandinsky 6 block profiler; not downloaded here):
+
+- ``kandinsky6-pro-distill``: ``kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers``, the checkpoint of diffusers'
+  ``Kandinsky6TI2VAPipeline`` example: 60 fused blocks of width 4096 (32 heads x 128) with an audio stream of width
+  2048 (16 x 128), FFN 16384 / 7168, 4 text blocks per modality, Qwen2.5-VL-7B text of 3584, CLIP-L pooled 768,
+  pi-Flow heads of 10 x 16 video and 10 x 40 audio channels;
+- ``kandinsky6-pro``: the non-distilled Pro bundle (``Kandinsky-6.0-Pro-sft-5s-Diffusers`` in sglang's tests): the
+  same backbone, 16 / 40 output channels;
+- ``kandinsky6-lite``: Kandinsky 6.0 Lite (32 blocks of 1792 / 896).
+
+The latents are the HunyuanVideo VAE's (8x spatial, 4x temporal, 16 channels; the transformer takes 2 x 16 + 1 with
+the conditioning channels) with the (1, 2, 2) patch; the audio is MMAudio's 44.1 kHz / 1024 latent at 24 fps (40
+channels). The text is the pipeline's ``max_sequence_length=1024``: ``_get_prompt_embeds`` pads every prompt to it
+(with a mask when padded).
 """
 
 from __future__ import annotations
