@@ -49,7 +49,8 @@ def _text_in(model, text):
 
 
 def _angles(positions, dim, theta=10000):  # complex64 [S, dim / 2], as QwenImage21Rope.rope_params
-    freqs = torch.outer(torch.tensor(positions), 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim)))
+    inverse = 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim))
+    freqs = torch.outer(torch.tensor(positions), inverse)
     return torch.polar(torch.ones_like(freqs), freqs)
 
 

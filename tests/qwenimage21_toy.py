@@ -10,8 +10,14 @@ it needs torchvision), and a tiny Qwen-Image 2.1 VAE (16x spatial, like the real
 
 from __future__ import annotations
 
+import diffusers
+import pytest
 import torch
-from diffusers import QwenImage21Transformer2DModel
+
+if not hasattr(diffusers, "QwenImage21Pipeline"):  # skips every test module that imports this one
+    pytest.skip("this diffusers has no Qwen-Image 2.1 (diffusers >= 0.42)", allow_module_level=True)
+
+from diffusers import QwenImage21Transformer2DModel  # noqa: E402
 
 TEXT_DIM = 32
 CHANNELS = 16

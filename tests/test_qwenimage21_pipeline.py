@@ -15,8 +15,8 @@ import PIL.Image
 import pytest
 import torch
 
+import qwenimage21_toy as toy  # first: it skips this module on a diffusers without Qwen-Image 2.1
 import qwenimage21_reference
-import qwenimage21_toy as toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 
@@ -142,8 +142,8 @@ def test_prompt_batches_and_num_images_per_prompt(pipe):
         assert out.shape[0] == 4
         close(out, expected)
         one = pipe(prompts, nag_negative_prompt="blurry", generator=gen(), **kw).images  # one string for every prompt
-        close(one, run_reference(pipe, reference_forward(pipe.transformer, pipe.encode_prompt(["blurry"] * 2, num_images_per_prompt=2)),
-                                 prompts, generator=gen(), **kw))
+        blurry = pipe.encode_prompt(["blurry"] * 2, num_images_per_prompt=2)
+        close(one, run_reference(pipe, reference_forward(pipe.transformer, blurry), prompts, generator=gen(), **kw))
     finally:
         remove_nag(pipe)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import qwenimage21_toy as toy  # first: it skips this module on a diffusers without Qwen-Image 2.1
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from diffusers.models.transformers.transformer_qwenimage21 import (
     QwenImage21AttnProcessor,
@@ -16,7 +18,6 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 from torch._dynamo.testing import CompileCounter
 
 import qwenimage21_reference
-import qwenimage21_toy as toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 

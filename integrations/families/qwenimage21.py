@@ -141,9 +141,9 @@ class NAGQwenImage21AttnProcessor(NAGProcessor):
             if getattr(layer_cache, BRANCH_ROWS, None) != batch:
                 raise RuntimeError(
                     "NAG cannot decode this guided step from its KV cache: the cache does not hold both branches' "
-                    f"prefixes for {batch} latent rows (it was filled by a plain forward, or for another batch). Fill it "
-                    "with a guided forward (kv_cache_mode='extract' with the NAG negative's rows), or call without "
-                    "kv_cache"
+                    f"prefixes for {batch} latent rows (it was filled by a plain forward, or for another batch). "
+                    "Fill it with a guided forward (kv_cache_mode='extract' with the NAG negative's rows), or call "
+                    "without kv_cache"
                 )
             text_k, text_v = layer_cache.get()  # [2B, P, H, D]
             valid = None
@@ -264,8 +264,8 @@ def _check(model, kw: dict, batch: int) -> None:
     text, latents, img_mask = kw["encoder_hidden_states"], kw["hidden_states"], kw.get("img_mask")
     layout, cond, target = _layout(kw)
     if not isinstance(img_mask, torch.Tensor) or img_mask.dim() != 2:
-        raise ValueError("img_mask must be a [samples, text tokens + target tokens / 4] bool tensor (the vision slots of "
-                         f"the joint sequence; its first row is read), got {type(img_mask).__name__}")
+        raise ValueError("img_mask must be a [samples, text tokens + target tokens / 4] bool tensor (the vision slots "
+                         f"of the joint sequence; its first row is read), got {type(img_mask).__name__}")
     slots = text.shape[1] + target // VLM_TOKENS_PER_SLOT
     if img_mask.shape[1] != slots:
         raise ValueError(
@@ -294,8 +294,8 @@ class QwenImage21Family(Family):
             if getattr(cache, BRANCH_ROWS, None) != batch:
                 raise RuntimeError(
                     "NAG cannot decode this guided step from kv_cache: it does not hold both branches' prefixes for "
-                    f"{batch} latent rows (it was filled by a plain forward, or for another batch). Fill it with a guided "
-                    "forward (kv_cache_mode='extract' with the NAG negative's rows), or call without kv_cache"
+                    f"{batch} latent rows (it was filled by a plain forward, or for another batch). Fill it with a "
+                    "guided forward (kv_cache_mode='extract' with the NAG negative's rows), or call without kv_cache"
                 )
         kw[self.text] = torch.cat([text[:batch], text[batch:]], dim=1)  # [B, 2T, D]
         if mask is not None:
@@ -333,8 +333,8 @@ class QwenImage21Prompts(PromptAdapter):
         embeds, mask, layout = result[0], result[1], result[2]
         n_embeds, n_mask, n_layout = negative[0], negative.get(1), negative.get(2)
         if n_embeds.dim() != 3 or n_embeds.shape[2:] != embeds.shape[2:]:
-            raise ValueError(f"nag_negative_prompt_embeds must be [rows, tokens, {embeds.shape[-1]}] like the prompt's, "
-                             f"got {tuple(n_embeds.shape)}")
+            raise ValueError(f"nag_negative_prompt_embeds must be [rows, tokens, {embeds.shape[-1]}] like the "
+                             f"prompt's, got {tuple(n_embeds.shape)}")
         length, own = embeds.shape[1], n_embeds.shape[1]
         n_mask = torch.ones(n_embeds.shape[:2], dtype=torch.long, device=n_embeds.device) if n_mask is None else n_mask
         if n_mask.shape != n_embeds.shape[:2]:
@@ -342,8 +342,8 @@ class QwenImage21Prompts(PromptAdapter):
                              f"{tuple(n_mask.shape)}")
         if own > length:
             warnings.warn(
-                f"the NAG negative has {own} tokens, more than the prompt's {length}: Qwen-Image 2.1 runs both branches "
-                f"over the prompt's layout, so the negative is cut to its first {length} tokens. Shorten "
+                f"the NAG negative has {own} tokens, more than the prompt's {length}: Qwen-Image 2.1 runs both "
+                f"branches over the prompt's layout, so the negative is cut to its first {length} tokens. Shorten "
                 "nag_negative_prompt (or write a longer prompt) to keep all of it",
                 stacklevel=2,
             )
@@ -351,7 +351,8 @@ class QwenImage21Prompts(PromptAdapter):
         n_embeds = torch.nn.functional.pad(n_embeds[:, :length], (0, 0, 0, pad))
         n_mask = torch.nn.functional.pad(n_mask[:, :length].to(torch.long), (0, pad))
         if layout is not None and n_layout is not None:
-            n_layout = torch.nn.functional.pad(n_layout[:, :length].to(device=layout.device, dtype=torch.bool), (0, pad))
+            n_layout = n_layout[:, :length].to(device=layout.device, dtype=torch.bool)
+            n_layout = torch.nn.functional.pad(n_layout, (0, pad))
             if not bool((n_layout == layout[:1].to(torch.bool)).all()):
                 raise ValueError(
                     "the NAG negative's condition-image slots must sit at the prompt's positions (Qwen-Image 2.1 "
