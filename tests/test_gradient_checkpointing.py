@@ -1,6 +1,6 @@
 """NAG-guided training with diffusers' gradient checkpointing: the checkpointed blocks are recomputed in backward,
 after the guided forward is over (and, on GPUs, on the autograd engine's own thread). Families whose record travels
-per thread (Wan, LTX-Video, HiDream-I1) carry it into the recomputation: the gradients equal those without checkpointing."""
+per thread (Wan, LTX-Video, HiDream-I1, Kandinsky 6) carry it into the recomputation: the gradients equal those without checkpointing."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hidream_toy
+import kandinsky6_toy
 import ltx_toy
 import wan_toy
 from nag_kernels.integrations import apply_nag, remove_nag
@@ -19,6 +20,7 @@ CASES = {
     "wan": (wan_toy.transformer, wan_inputs, "attn2.to_k.weight"),
     "ltx": (ltx_toy.transformer, ltx_inputs, "attn2.to_k.weight"),
     "hidream": (hidream_toy.transformer, lambda: hidream_toy.inputs(2), "attn1.to_k_t.weight"),
+    "kandinsky6": (kandinsky6_toy.transformer, kandinsky6_toy.inputs, "video_dec_block.cross_attention.to_key.weight"),
 }
 
 

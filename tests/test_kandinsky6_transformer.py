@@ -1,6 +1,7 @@
 """apply_nag on Kandinsky6Transformer3DModel: the guided forward against the independent float64 definition
 (``kandinsky6_reference``) with both modalities and a text mask per branch, the off cases and stock equivalence,
-removal, autograd against finite differences, bad input, gradient checkpointing and the parallel refusal.
+removal, autograd against finite differences, bad input and the parallel refusal (gradient checkpointing:
+tests/test_gradient_checkpointing.py).
 
 The model computes its norms, modulation affines, gates and RoPE in float32 whatever its dtype; the reference is all
 float64, so the two agree to ~1e-6 (``ATOL`` 1e-5), where NAG moves the outputs by ~1e-2.
@@ -163,17 +164,6 @@ def test_bad_input_is_refused_naming_the_argument():
         with pytest.raises(ValueError, match=message):
             toy.run(model, {**kw, **change})
     close(toy.run(model, kw), reference.forward(model, **kw, **DEFAULTS))  # nothing left behind
-
-
-def test_gradient_checkpointing_is_refused_with_grad_and_runs_without():
-    model = apply_nag(toy.transformer().double(), backend="torch")
-    model.enable_gradient_checkpointing()
-    kw = toy.inputs()
-    with pytest.raises(NotImplementedError, match="does not support gradient checkpointing"):
-        model(**kw, return_dict=False)
-    close(toy.run(model, kw), reference.forward(model, **kw, **DEFAULTS))  # no_grad: no recomputation
-    video, _ = model(**toy.plain(kw), return_dict=False)  # plain forwards: stock checkpointing
-    video.sum().backward()
 
 
 def test_a_parallel_config_is_refused_for_guided_calls_only():

@@ -20,8 +20,8 @@ the video and audio streams are never duplicated.
 The model's forward passes no attention kwargs to its blocks (it takes none), so the record reaches the processors
 per thread (``call_state.record()``, ``Family.passes_attention_kwargs``), and a direct model call takes its settings
 from ``apply_nag`` (or a pipeline call's). diffusers has no context-parallel plan for this model: a guided call under
-a parallel config is refused. A guided forward under gradient checkpointing with grad on is refused too (the blocks
-are recomputed in backward, after the forward's record is gone).
+a parallel config is refused. Under gradient checkpointing the recomputed blocks get the guided forward's record bound
+to their call (``guided.carry_record_into_checkpoints``).
 """
 
 from __future__ import annotations
@@ -111,12 +111,6 @@ def _text_blocks(model):
 def _check(model, kw: dict, batch: int) -> None:
     """A guided forward's inputs that the batch rule alone does not catch."""
     _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
-    if torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False):
-        raise NotImplementedError(
-            "NAG on Kandinsky 6 does not support gradient checkpointing (the blocks are recomputed in backward, after "
-            "the guided forward): call model.disable_gradient_checkpointing(), or run the guided forward under "
-            "torch.no_grad()"
-        )
     config = model.config
     text = kw["encoder_hidden_states"]
     if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != config.in_text_dim:
