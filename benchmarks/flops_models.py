@@ -37,6 +37,7 @@ from . import random_flux
 from . import model_hidream
 from . import model_sana
 from . import model_kandinsky6
+from . import model_hunyuanvideo15
 from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 META = torch.device("meta")
@@ -341,6 +342,13 @@ MODELS: dict[str, FlopsModel] = {
                        model_kandinsky6.build, "kandinsky6-pro-distill")),
                    step_inputs=functools.partial(model_kandinsky6.flops_inputs, "864x480x121"), variants=ONE_MODE,
                    size="864x480x121", tokens="50220+218 audio+1024", targets={"nag": Target(1.02, "<= 1.02x")}),
+        # HunyuanVideo 1.5 (8.3B) text-to-video at 720p (1280x720), 121 frames; 1000 Qwen2.5-VL + 256 ByT5 + 729 image
+        # tokens in the text stream; the pipelines' guider runs CFG's two passes as two calls.
+        FlopsModel(key="hunyuanvideo15-720p", config="HunyuanVideo 1.5", resolution="720p",
+                   image_tokens=model_hunyuanvideo15.video_tokens("720p"), text_tokens=model_hunyuanvideo15.TEXT_TOKENS,
+                   build=functools.cache(model_hunyuanvideo15.build),
+                   step_inputs=functools.partial(model_hunyuanvideo15.flops_inputs, "720p"), variants=ONE_MODE,
+                   size="1280x720x121", targets={"nag": Target(1.05, "<= 1.05x")}),
         # The Flux-shaped toy (configs.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),
