@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meta_models.flux import FLUX1
+from meta_models.flux import image_tokens as flux_image_tokens
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -23,44 +26,9 @@ class ModelShape:
         return (self.batch, self.tokens, self.channels)
 
 
-def flux_image_tokens(height: int, width: int | None = None) -> int:
-    """FLUX.1: VAE downsamples by 8, then 2x2 patches are packed into one token -> (H/16) * (W/16)."""
-    width = height if width is None else width
-    return (height // 16) * (width // 16)
-
-
-# FLUX.1-dev / -schnell transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json):
-# num_attention_heads 24 x attention_head_dim 128 = 3072; 19 double-stream + 38 single-stream blocks;
-# joint_attention_dim 4096 (T5-XXL), pooled_projection_dim 768 (CLIP-L); T5 max_sequence_length 512 (dev).
-FLUX1 = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-FLUX1_TEXT_TOKENS = 512
+# FLUX.1 (meta_models/flux.py: its config, the toy's, and the token count of an image): 24 heads x 128 = 3072.
 FLUX_CHANNELS = FLUX1["num_attention_heads"] * FLUX1["attention_head_dim"]
 
-# A Flux-shaped toy for CPU runs and CI: same block structure, 2 + 4 blocks, 4 heads x 32 (rope axes sum to 32).
-FLUX_TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=4,
-    attention_head_dim=32,
-    num_attention_heads=4,
-    joint_attention_dim=64,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(8, 12, 12),
-)
-FLUX_TINY_TEXT_TOKENS = 32
 
 # Wan 2.1 T2V-14B (Wan-AI/Wan2.1-T2V-14B, config.json): dim 5120 (40 heads x 128). The VAE compresses time 4x
 # (81 frames: (81 - 1) / 4 + 1 = 21 latent frames) and space 8x, patch (1, 2, 2). 480p = 832x480:

@@ -1,12 +1,13 @@
 """``flops`` suite: the machine-independent cost model, FLOPs per transformer step counted exactly.
 
 Each model configuration of the registry (``flops_models.MODELS``: FLUX.1, Wan, SDXL, LTX-Video, SD3.5, Qwen-Image,
-Chroma, FLUX.2, Z-Image) is built at full size on the meta device (no memory, no weights) and each of its variants'
-forwards runs under ``torch.utils.flop_counter.FlopCounterMode``, which counts every matmul and attention op from its
-shapes. Runs anywhere in minutes at full size. Elementwise work (norms, the NAG combine itself) is not counted: it is
-memory-bound and its FLOPs are negligible next to the matmuls. Ops that look like matmul/attention but have no FLOP
-formula (a custom attention kernel, say) are listed under ``uncounted_ops`` so an undercount cannot go unnoticed.
-Where an entry's issue sets a target (NAG at most ``x`` times a plain step), its row says PASS or FAIL.
+Chroma, FLUX.2, Z-Image, ...) is built at full size on the meta device (no memory, no weights; ``meta_models/``) and
+each of its variants' forwards is counted by ``meta_models.count.count`` (``FlopCounterMode``: every matmul and
+attention op from its shapes). Runs anywhere in minutes at full size. Elementwise work (norms, the NAG combine itself)
+is not counted: it is memory-bound and its FLOPs are negligible next to the matmuls. Ops that look like
+matmul/attention but have no FLOP formula (a custom attention kernel, say) are listed under ``uncounted_ops`` so an
+undercount cannot go unnoticed. Where an entry's issue sets a target (NAG at most ``x`` times a plain step), its row
+says PASS or FAIL.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+
+from meta_models.count import count
 
 from . import harness as h
 from .flops_models import META, MODELS, FlopsModel, selected
@@ -26,41 +27,8 @@ HELP = ("FLOPs per transformer step counted on the meta device with FlopCounterM
         "SDXL, LTX-Video, SD3.5 Large/Medium, Qwen-Image 1024^2/1328^2, Chroma, FLUX.2 [dev]/[klein], Z-Image): "
         "no NAG, true CFG, NAG (exact and fast on FLUX.1; the 2B layout of FLUX.2 and Z-Image for comparison); "
         "TFLOP, ratio to no NAG, PASS/FAIL per target. Runs anywhere, full size, in minutes.")
-_SUSPECT = ("mm", "matmul", "attention", "attn", "conv", "linear", "einsum")
 # apply_nag's settings per NAG variant (flux.nag_applied): FLUX.1's two modes, or the family's default mode
 _NAG_APPLIED = {"nag_exact": "nag_exact_torch", "nag_fast": "nag_fast", "nag": "nag"}
-
-
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func)
-        return func(*args, **(kwargs or {}))
-
-
-def count(fn, derived: bool = False) -> dict:
-    """FLOPs of ``fn()``'s forwards; ``derived``: ``fn`` counts for itself and returns the FLOPs (a family builder's
-    derived variant), the ops it ran are still checked for uncounted ones."""
-    with torch.no_grad(), FlopCounterMode(display=False) as fc, _OpRecorder() as rec:
-        value = fn()
-    registry = getattr(fc, "flop_registry", {})
-    packets = {getattr(k, "_overloadpacket", k) for k in registry}
-    seen = [op for op in rec.ops if getattr(op, "_overloadpacket", op) not in packets]
-    # This package's own ops are the NAG combine / LSE merge: elementwise and memory-bound, rightly not counted.
-    own = sorted(str(op) for op in seen
-                 if op.namespace == "nag_kernels" and op.name().split("::")[-1].startswith("nag"))
-    uncounted = sorted(
-        str(op) for op in seen
-        if str(op) not in own
-        and (op.namespace not in ("aten", "prims") or any(s in op.name() for s in _SUSPECT))
-    )
-    if derived:
-        return {"flops": round(value), "by_op": {}, "uncounted_ops": uncounted, "elementwise_nag_ops": own}
-    by_op = {str(k): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
-    return {"flops": fc.get_total_flops(), "by_op": by_op, "uncounted_ops": uncounted, "elementwise_nag_ops": own}
 
 
 def add_arguments(p) -> None:
@@ -70,16 +38,19 @@ def add_arguments(p) -> None:
 
 def count_variant(model, entry: FlopsModel, variant: str, inputs: dict[str, list[dict]], batch: int = 1) -> dict:
     """FLOPs of one step of ``variant``: its forwards (``entry.step_inputs``) counted, NAG applied for NAG variants;
-    a derived variant (``entry.derived``) counted by its family's builder."""
+    a derived variant (``entry.derived``) derived from the counts of other forwards."""
     if variant in entry.derived:
-        return count(lambda: entry.derived[variant](model, batch), derived=True)
-    if variant in ("no_nag", "cfg"):
-        return count(lambda: [model(**kw) for kw in inputs[variant]])
-    if variant not in _NAG_APPLIED:
+        counted = entry.derived[variant](model, batch)
+    elif variant in ("no_nag", "cfg"):
+        counted = count(lambda: [model(**kw) for kw in inputs[variant]])
+    elif variant in _NAG_APPLIED:
+        # exact mode counted with the PyTorch combine: the combine is elementwise either way and not counted
+        with nag_applied(model, _NAG_APPLIED[variant], META):
+            counted = count(lambda: [model(**kw) for kw in inputs["nag"]])
+    else:
         raise ValueError(f"unknown flops variant {variant!r}")
-    # exact mode counted with the PyTorch combine: the combine is elementwise either way and not counted
-    with nag_applied(model, _NAG_APPLIED[variant], META):
-        return count(lambda: [model(**kw) for kw in inputs["nag"]])
+    return {"flops": counted.flops, "by_op": counted.by_op, "uncounted_ops": counted.uncounted_ops,
+            "elementwise_nag_ops": counted.elementwise_nag_ops}
 
 
 def run(args, device: torch.device) -> h.Results:
@@ -192,7 +163,7 @@ VARIANT_NOTES = {
            "Qwen-Image); the shared image stream (Chroma, FLUX.2, Z-Image, where it computes the authors'-style "
            "layout exactly)",
     "nag_2b": "for comparison, the authors'-style 2B layout (FLUX.2: single blocks at 2B image rows; Z-Image: joined "
-              "layers at 2B): the family builder's count, CFG minus the parts that stay at one row",
+              "layers at 2B): derived from the counts, CFG minus the parts that stay at one row",
 }
 
 
@@ -214,7 +185,7 @@ def markdown(rows: list[dict]) -> str:
     return h.markdown_table(header, body) + (
         "\nCounted with `torch.utils.flop_counter.FlopCounterMode` on the meta device (matmuls and attention; "
         "elementwise ops, the NAG combine included, are not counted), full-size models from "
-        "`benchmarks/flops_models.py` (configs from the families' `benchmarks/model_*.py`). Batch 1 unless the "
+        "`benchmarks/flops_models.py` (configs and builders from `meta_models/`). Batch 1 unless the "
         "header says otherwise. Tokens: image (video; SDXL: latent positions) + text; a NAG step adds the "
         "NAG-negative text rows. The target column is the issues' bound on the NAG row's ratio to no NAG.\n\n"
         + legend +

@@ -2,9 +2,9 @@
 
 An entry says what the configuration is (its name in the table, size, token counts), how to build the full-size
 model on the meta device (no memory, no weights), how to build one step's inputs for each variant, which variants
-the table shows for it and the target ratios its issues set. The families' own meta builders
-(``benchmarks/model_<family>.py``: configs, ``build``, ``step_inputs(model, variant, resolution)``) are adapted
-here; the suite's loop does not change when a family is added.
+the table shows for it and the target ratios its issues set. The families' meta builders
+(``meta_models/<family>.py``: configs, ``build``, ``step_inputs(model, variant, resolution)``; a family still being
+added: ``benchmarks/model_<family>.py``) are adapted here; the suite's loop does not change when a family is added.
 
 ``step_inputs(model, batch)`` returns the keyword arguments of every forward one step of a variant makes:
 ``no_nag`` one plain forward at batch ``B``; ``cfg`` the two passes of true CFG (two forwards, or one forward at
@@ -19,26 +19,37 @@ Variants (the rows of the table):
 - ``nag``: the ``nag`` forward with the family's default mode: the families with one computation (Wan, SDXL,
   LTX-Video, SD3.5, Qwen-Image: exact mode, the only one) and the shared-image-stream path of FLUX.2, Z-Image and
   Chroma (their ``exact`` and ``fast`` both name it);
-- derived variants (``nag_2b``: the authors'-style 2B layout of FLUX.2 / Z-Image, for comparison), counted by the
-  family's own builder (``model_flux2.count`` / ``model_zimage.count``: the CFG count minus the parts that stay at
-  one row), on the same full-depth model.
+- derived variants (``nag_2b``: the authors'-style 2B layout of FLUX.2 / Z-Image, for comparison), derived from the
+  counts of the ``cfg`` and ``no_nag`` forwards by the family's ``nag_2b`` (``meta_models/flux2.py`` /
+  ``meta_models/zimage.py``: the CFG count minus the parts that stay at one row), on the same full-depth model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 
-from . import model_chroma, model_flux2, model_ltx, model_qwenimage, model_sd3, model_sdxl, model_wan, model_zimage
-from . import random_flux
-from . import model_hidream
-from . import model_sana
+from meta_models import chroma as model_chroma
+from meta_models import flux as model_flux
+from meta_models import flux2 as model_flux2
+from meta_models import hidream as model_hidream
+from meta_models import ltx as model_ltx
+from meta_models import qwenimage as model_qwenimage
+from meta_models import sana as model_sana
+from meta_models import sd3 as model_sd3
+from meta_models import sdxl as model_sdxl
+from meta_models import wan as model_wan
+from meta_models import zimage as model_zimage
+from meta_models.count import Counted, count
+from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
+
+# Families still being added keep their builders in benchmarks/ until they move to meta_models/.
 from . import model_kandinsky6
 from . import model_hunyuanvideo15
-from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
@@ -68,8 +79,8 @@ class FlopsModel:
     build: Callable[[], torch.nn.Module]  # the full-size model on the meta device
     step_inputs: Callable[[torch.nn.Module, int], dict[str, list[dict]]]  # (model, batch) -> {variant: [kwargs]}
     variants: tuple[str, ...] = FLUX1_VARIANTS
-    # derived variants: (model, batch) -> FLOPs of one step, counted by the family's builder
-    derived: Mapping[str, Callable[[torch.nn.Module, int], float]] = field(default_factory=dict)
+    # derived variants: (model, batch) -> one step's count, derived from the counts of other forwards
+    derived: Mapping[str, Callable[[torch.nn.Module, int], Counted]] = field(default_factory=dict)
     targets: Mapping[str, Target] = field(default_factory=dict)  # variant -> its target
     size: str = ""  # the table's size label ("" = f"{resolution}^2")
     tokens: str = ""  # the table's token label ("" = f"{image_tokens}+{text_tokens}")
@@ -105,30 +116,26 @@ def _batched(kw: dict, batch: int, unbatched: tuple[str, ...] = ("img_ids", "txt
     return {k: rows(k, v) for k, v in kw.items()}
 
 
-# --- FLUX.1 (random_flux + flux.make_inputs, unchanged: the committed FLUX.1 figures are reproduced exactly) -------
-
-FLUX_CONFIGS = {"FLUX.1": FLUX1, "flux-tiny": FLUX_TINY}
+# --- FLUX.1 (meta_models.flux: the committed FLUX.1 figures are reproduced exactly) --------------------------------
 
 
 @functools.cache
 def _flux_meta(config_name: str) -> torch.nn.Module:
     """One meta-device FluxTransformer2DModel per config, shared by that config's resolutions."""
-    return random_flux.transformer(FLUX_CONFIGS[config_name], META, DTYPE)
+    return model_flux.build(config_name, DTYPE)
 
 
-def _flux_step_inputs(config_name: str, resolution: int, text_tokens: int, model, batch: int) -> dict[str, list]:
-    from .flux import make_inputs, split_rows
-
-    nag = make_inputs(FLUX_CONFIGS[config_name], resolution, text_tokens, batch, 2 * batch, DTYPE, META)
-    pos, neg = split_rows(nag, slice(0, batch)), split_rows(nag, slice(batch, 2 * batch))
-    return {"no_nag": [pos], "cfg": [pos, neg], "nag": [nag]}
+def _flux_step_inputs(resolution: int, text_tokens: int, model, batch: int) -> dict[str, list]:
+    pos = model_flux.step_inputs(model, "no_nag", resolution, text_tokens, batch)
+    return {"no_nag": [pos], "cfg": [pos, pos], "nag": [model_flux.step_inputs(model, "nag", resolution, text_tokens,
+                                                                               batch)]}
 
 
 def flux(key: str, config_name: str, resolution: int, text_tokens: int, toy: bool = False, **kw) -> FlopsModel:
     return FlopsModel(
-        key=key, config=config_name, resolution=resolution, image_tokens=flux_image_tokens(resolution),
+        key=key, config=config_name, resolution=resolution, image_tokens=model_flux.image_tokens(resolution),
         text_tokens=text_tokens, build=functools.partial(_flux_meta, config_name),
-        step_inputs=functools.partial(_flux_step_inputs, config_name, resolution, text_tokens), toy=toy, **kw,
+        step_inputs=functools.partial(_flux_step_inputs, resolution, text_tokens), toy=toy, **kw,
     )
 
 
@@ -193,17 +200,25 @@ def _batch_one(batch: int, family: str) -> None:
     if batch != 1:
         from .harness import Skip
 
-        raise Skip(f"model_{family}.count derives the 2B layout at batch 1 only")
+        raise Skip(f"{family}.nag_2b derives the 2B layout at batch 1 only")
 
 
-def _flux2_2b(name: str, resolution: int, text_tokens: int, model, batch: int) -> float:
-    _batch_one(batch, "flux2")
-    return model_flux2.count(name, "nag_2b", resolution, model, text_tokens) * 1e12
+def _derived_2b(family, inputs, name: str, model, batch: int) -> Counted:
+    """The 2B layout's count: ``family.nag_2b`` of the ``cfg`` and ``no_nag`` forwards' counts (``inputs(model,
+    variant)``: one forward's arguments)."""
+    _batch_one(batch, family.__name__.rsplit(".", 1)[-1])
+    cfg, plain = (count(lambda kw=inputs(model, v): model(**kw), family.repeat(name, model)) for v in ("cfg", "no_nag"))
+    return dataclasses.replace(cfg, flops=family.nag_2b(name, model, cfg, plain), by_op={}, by_module={})
 
 
-def _zimage_2b(name: str, resolution: int, caption: int, model, batch: int) -> float:
-    _batch_one(batch, "zimage")
-    return model_zimage.count(name, "nag_2b", resolution, model, caption, caption) * 1e12
+def _flux2_2b(name: str, resolution: int, text_tokens: int, model, batch: int) -> Counted:
+    return _derived_2b(model_flux2, lambda m, v: model_flux2.step_inputs(m, v, resolution, text_tokens), name, model,
+                       batch)
+
+
+def _zimage_2b(name: str, resolution: int, caption: int, model, batch: int) -> Counted:
+    return _derived_2b(model_zimage, lambda m, v: model_zimage.step_inputs(m, v, resolution, caption, caption), name,
+                       model, batch)
 
 
 def wan(key: str, label: str, name: str, resolution: str, **kw) -> FlopsModel:
@@ -288,7 +303,7 @@ AT_MOST_1_15 = Target(1.15, "<= 1.15x")
 MODELS: dict[str, FlopsModel] = {
     m.key: m
     for m in [
-        # FLUX.1-dev / -schnell (configs.FLUX1), 512 T5 tokens.
+        # FLUX.1-dev / -schnell (meta_models.flux.FLUX1), 512 T5 tokens.
         flux("flux1-1024", "FLUX.1", 1024, FLUX1_TEXT_TOKENS),
         flux("flux1-2048", "FLUX.1", 2048, FLUX1_TEXT_TOKENS),
         # Wan 2.1 T2V 14B, 81 frames, 512 UMT5 tokens; Wan 2.2 TI2V-5B at its 720p (1280x704: 16x VAE).
@@ -349,7 +364,7 @@ MODELS: dict[str, FlopsModel] = {
                    build=functools.cache(model_hunyuanvideo15.build),
                    step_inputs=functools.partial(model_hunyuanvideo15.flops_inputs, "720p"), variants=ONE_MODE,
                    size="1280x720x121", targets={"nag": Target(1.05, "<= 1.05x")}),
-        # The Flux-shaped toy (configs.FLUX_TINY): seconds on any machine, for tests and --quick.
+        # The Flux-shaped toy (meta_models.flux.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),
     ]

@@ -1,8 +1,9 @@
 """``flux`` suite: what NAG costs in one Flux transformer step, eager and compiled.
 
-A ``FluxTransformer2DModel`` with the FLUX.1 config (``configs.FLUX1``, about 12B parameters) and random weights
-(``random_flux.transformer``: nothing is downloaded, the model is built straight on the device in the run's dtype).
-On a CPU (``--quick``) the same code runs a Flux-shaped toy (``configs.FLUX_TINY``).
+A ``FluxTransformer2DModel`` with the FLUX.1 config (``meta_models.flux.FLUX1``, about 12B parameters) and random
+weights (``random_flux.transformer``: nothing is downloaded, the model is built straight on the device in the run's
+dtype).
+On a CPU (``--quick``) the same code runs a Flux-shaped toy (``meta_models.flux.FLUX_TINY``).
 
 Variants, one transformer step each (batch ``B`` images, 512 text tokens):
 
@@ -30,7 +31,8 @@ import torch
 
 from . import harness as h
 from . import random_flux
-from .configs import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS, flux_image_tokens
+from meta_models.flux import FLUX1, FLUX1_TEXT_TOKENS, FLUX_TINY, FLUX_TINY_TEXT_TOKENS
+from meta_models.flux import image_tokens as flux_image_tokens
 
 HELP = ("one FLUX.1-size transformer step with random weights: no NAG, true CFG, NAG exact (PyTorch / Triton "
         "combine), NAG fast; eager and torch.compile'd; ms per step, overhead, peak memory, graphs compiled, and the "

@@ -1,10 +1,10 @@
 """Random-weight Flux models built in code, nothing downloaded: the one place benchmarks build them.
 
-- ``transformer(config, device, dtype)``: a ``FluxTransformer2DModel`` of any config (``configs.FLUX1``, about 12B
-  parameters, or the ``configs.FLUX_TINY`` toy) built straight on ``device`` in ``dtype``: constructed on the meta
+- ``transformer(config, device, dtype)``: a ``FluxTransformer2DModel`` of any config (``meta_models.flux.FLUX1``,
+  about 12B parameters, or the ``FLUX_TINY`` toy) built straight on ``device`` in ``dtype``: constructed on the meta
   device, cast, then ``to_empty`` and filled with ``N(0, 1/fan_in)`` weights, zero biases and unit norm weights, so
-  no fp32 copy of the model is ever made and activations stay finite. On the meta device it stays there (for the
-  flops suite).
+  no fp32 copy of the model is ever made and activations stay finite. (The flops suite's FLUX.1 on meta, without
+  weights: ``meta_models.flux.build``.)
 - ``tiny_pipeline(dtype)``: a whole ``FluxPipeline`` around the ``FLUX_TINY`` transformer (character-level
   tokenizers, 2-layer CLIP and T5 text encoders, a 2-level VAE), for running the quality suite on a CPU; its images
   are noise.
@@ -16,7 +16,7 @@ import string
 
 import torch
 
-from .configs import FLUX_TINY
+from meta_models.flux import FLUX_TINY
 
 
 def transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -25,10 +25,7 @@ def transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: in
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
-    model = model.to(dtype)  # on meta: free
-    if device.type == "meta":
-        return model.eval()
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # the cast on meta: free
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -64,6 +64,18 @@ def test_every_entry_builds_its_inputs():
                         assert len(kw2[key]) == 2 * len(v), (entry.key, variant, key)
 
 
+def test_sana_entries_build_their_inputs():
+    if not hasattr(__import__("diffusers"), "SanaVideoTransformer3DModel"):
+        pytest.skip("this diffusers has no Sana-Video (diffusers >= 0.36)")
+    for key, tokens in (("sana-1600m-1024", 1024), ("sana-video-2b-832x480x81", 21 * 30 * 52)):
+        entry = MODELS[key]
+        assert entry.image_tokens == tokens and entry.text_tokens == 300 and set(entry.targets) == {"nag"}
+        model = entry.build()
+        one, two = entry.step_inputs(model, 1), entry.step_inputs(model, 2)
+        assert one["nag"][0]["encoder_hidden_states"].shape[0] == 2 == two["nag"][0]["hidden_states"].shape[0]
+        assert two["cfg"][0]["encoder_attention_mask"].shape == (4, 300)
+
+
 def _row(model, variant, tflop, target=None):
     row = dict(model=model, config=model, resolution=1024, image_tokens=1, text_tokens=1, variant=variant,
                status="ok", flops=tflop * 1e12, tflop=tflop, uncounted_ops=[])

@@ -12,7 +12,7 @@ import torch
 from benchmarks import flux, random_flux
 from benchmarks import harness as h
 from benchmarks.__main__ import main
-from benchmarks.configs import FLUX_TINY
+from meta_models.flux import FLUX_TINY
 
 CPU = torch.device("cpu")
 

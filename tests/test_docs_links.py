@@ -14,8 +14,8 @@ DOCUMENTS = sorted(
 )
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # A backticked repository path: starts with one of the project's folders (or ../ from docs/), names a file type.
-PATH = re.compile(r"`((?:\.\./)*(?:nag_kernels|integrations|benchmarks|tests|docs)/[^`\s]*\.(?:py|md|json|sh|png))`")
-TOP = ("nag_kernels", "integrations", "benchmarks", "tests", "docs")
+TOP = ("nag_kernels", "integrations", "benchmarks", "meta_models", "tests", "docs")
+PATH = re.compile(r"`((?:\.\./)*(?:" + "|".join(TOP) + r")/[^`\s]*\.(?:py|md|json|sh|png))`")
 
 
 def _links(document: pathlib.Path):

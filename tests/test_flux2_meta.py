@@ -1,16 +1,32 @@
 """Full-size FLUX.2 [dev] and [klein] on the meta device under FlopCounterMode at 1024^2 (text 512): NAG's default
 path costs exactly the duplicated text tokens (counted independently here) and at most 1.15x a plain step.
 
-``model_flux2.count`` counts a model with one block of each kind and repeats the block costs to the full depth;
-``test_one_block_per_stack_counts_the_full_depth`` checks that against a full-depth count on a narrow config."""
+The counts are of a model with one block of each kind, the block costs repeated to the full depth
+(``meta_models.flux2.repeat``); ``test_one_block_per_stack_counts_the_full_depth`` checks that against a full-depth
+count on a narrow config."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import model_flux2
+from meta_models import flux2
+from meta_models.count import count
+from nag_kernels.integrations import apply_nag, remove_nag
 
 N, T = 4096, 512  # image tokens at 1024^2, text tokens
+
+
+def tflops(name: str, variant: str, resolution: int, model, text_tokens: int = flux2.TEXT_TOKENS) -> float:
+    """One step of ``variant`` (``nag`` with ``apply_nag``; ``nag_2b`` derived from the cfg and no_nag counts)."""
+    (apply_nag if variant == "nag" else remove_nag)(model)
+
+    def counted(v):
+        kw = flux2.step_inputs(model, v, resolution, text_tokens)
+        return count(lambda: model(**kw), flux2.repeat(name, model))
+
+    if variant == "nag_2b":
+        return flux2.nag_2b(name, model, counted("cfg"), counted("no_nag")) / 1e12
+    return counted(variant).tflop
 
 
 def expected_extra(config) -> float:
@@ -26,18 +42,18 @@ def expected_extra(config) -> float:
 
 @pytest.mark.parametrize("name", ["flux2-dev", "flux2-klein-4b", "flux2-klein-9b"])
 def test_default_path_flops_at_1024(name):
-    model = model_flux2.build(name, shallow=True)
-    plain = model_flux2.count(name, "no_nag", 1024, model)
-    nag = model_flux2.count(name, "nag", 1024, model)
-    assert nag - plain == pytest.approx(expected_extra(model_flux2.CONFIGS[name]), rel=1e-9)
+    model = flux2.build(name, shallow=True)
+    plain = tflops(name, "no_nag", 1024, model)
+    nag = tflops(name, "nag", 1024, model)
+    assert nag - plain == pytest.approx(expected_extra(flux2.CONFIGS[name]), rel=1e-9)
     assert nag / plain <= 1.15, f"{name}: NAG {nag:.1f} TFLOP is {nag / plain:.3f}x the plain {plain:.1f}"
 
 
 def test_one_block_per_stack_counts_the_full_depth(monkeypatch):
-    narrow = {**model_flux2.DEV, "num_attention_heads": 2, "joint_attention_dim": 64, "num_layers": 2,
+    narrow = {**flux2.DEV, "num_attention_heads": 2, "joint_attention_dim": 64, "num_layers": 2,
               "num_single_layers": 3}
-    monkeypatch.setitem(model_flux2.CONFIGS, "narrow", narrow)
-    full, shallow = model_flux2.build("narrow"), model_flux2.build("narrow", shallow=True)
+    monkeypatch.setitem(flux2.CONFIGS, "narrow", narrow)
+    full, shallow = flux2.build("narrow"), flux2.build("narrow", shallow=True)
     for variant in ("nag", "nag_2b"):  # nag_2b counts the no_nag and cfg forwards
-        counts = [model_flux2.count("narrow", variant, 128, model, 64) for model in (shallow, full)]
+        counts = [tflops("narrow", variant, 128, model, 64) for model in (shallow, full)]
         assert counts[0] == counts[1]

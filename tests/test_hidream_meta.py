@@ -5,24 +5,22 @@ runs in CI's slow stage."""
 from __future__ import annotations
 
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import hidream_toy
-from benchmarks import model_hidream
+from meta_models import hidream
+from meta_models.count import count
 from nag_kernels.integrations import apply_nag, remove_nag
 
 
 def tflops(model, variant: str, resolution: int = 1024, **sizes) -> float:
-    kw = model_hidream.step_inputs(model, variant, resolution, **sizes)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**kw)[0]
-    assert out.shape == kw["hidden_states"].shape and out.device.type == "meta"
-    return counter.get_total_flops() / 1e12
+    kw = hidream.step_inputs(model, variant, resolution, **sizes)
+    counted = count(lambda: model(**kw)[0])
+    assert counted.value.shape == kw["hidden_states"].shape and counted.value.device.type == "meta"
+    return counted.tflop
 
 
 def test_tiny_config_on_meta_counts_plain_exact_and_fast():
-    model = model_hidream.build(**hidream_toy.CONFIG)
+    model = hidream.build(**hidream_toy.CONFIG)
     sizes = dict(resolution=hidream_toy.SIZE, t5_tokens=hidream_toy.SEQ_LEN, llama_tokens=hidream_toy.SEQ_LEN)
     plain, cfg = tflops(model, "plain", **sizes), tflops(model, "cfg", **sizes)
     assert cfg == pytest.approx(2 * plain)
@@ -41,7 +39,7 @@ def test_full_size_hidream_fast_mode_costs_at_most_1_15x_a_plain_step():
     # Counted (bfloat16, 1024^2: 4096 image tokens, 128 T5 + 2 x 128 Llama text tokens per block): plain 77.79 TFLOP,
     # CFG 155.58, exact 131.87 (1.695x: the 32 single blocks at two rows), fast 84.45 (1.086x); with batched CFG
     # 209.66 (exact) and 162.24 (fast).
-    model = model_hidream.build()
+    model = hidream.build()
     plain = tflops(model, "plain")
     apply_nag(model, mode="exact")
     exact = tflops(model, "nag")

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import model_ltx
+from meta_models import ltx
+from meta_models.count import count
+from nag_kernels.integrations import apply_nag, remove_nag
 
 pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
 
 
+def tflops(model, variant: str, resolution: str) -> float:
+    (apply_nag if variant.startswith("nag") else remove_nag)(model)
+    kw = ltx.step_inputs(model, variant, resolution)
+    return count(lambda: model(**kw)).tflop
+
+
 def test_ltx_nag_adds_only_the_second_branchs_cross_attention():
-    model = model_ltx.build()
+    model = ltx.build()
     resolution = "704x480x161"
-    flops = {variant: model_ltx.count("ltx-video-2b", variant, resolution, model) for variant in ("no_nag", "nag")}
-    frames, height, width = model_ltx.latent_grid(resolution)
-    video, text, dim = frames * height * width, model_ltx.TEXT_TOKENS, 2048
+    flops = {variant: tflops(model, variant, resolution) for variant in ("no_nag", "nag")}
+    frames, height, width = ltx.latent_grid(resolution)
+    video, text, dim = frames * height * width, ltx.TEXT_TOKENS, 2048
     assert video == 21 * 15 * 22
     per_block = 2 * (2 * text * dim * dim) + 2 * (2 * video * text * dim)
     caption = 2 * text * (4096 * dim + dim * dim)

@@ -1,6 +1,6 @@
 """Sana and Sana-Video on the meta device: the patched models run without values or kernels (NAG only and batched
-CFG) and their cost is counted under FlopCounterMode by the flops suite's code (``benchmarks/model_sana.py``); the
-full-size counts (targets: NAG at most 1.07x a plain step on Sana 1.6B at 1024^2, at most 1.02x on Sana-Video 2B at
+CFG) and their cost is counted under FlopCounterMode (``meta_models/sana.py``, ``meta_models/count.py``, as the flops
+suite counts them); the full-size counts (targets: NAG at most 1.07x a plain step on Sana 1.6B at 1024^2, at most 1.02x on Sana-Video 2B at
 832x480, 81 frames) run in CI's slow stage.
 
 The counted difference is checked against the formula of what a guided step adds (docs/families/sana.md): per block,
@@ -13,8 +13,9 @@ from __future__ import annotations
 import diffusers
 import pytest
 
-from benchmarks import model_sana
-from benchmarks.flops_models import MODELS
+from meta_models import sana
+from meta_models.count import count
+from nag_kernels.integrations import apply_nag, remove_nag
 
 TINY = {
     "sana-1600m": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
@@ -32,13 +33,22 @@ def _needs_video():
         pytest.skip("this diffusers has no Sana-Video (diffusers >= 0.36)")
 
 
+def tflops(model, variant: str, resolution, text_tokens: int = sana.TEXT_TOKENS) -> float:
+    """One step of ``variant`` (NAG variants with ``apply_nag``, the others unpatched)."""
+    (apply_nag if variant.startswith("nag") else remove_nag)(model)
+    kw = sana.step_inputs(model, variant, resolution, text_tokens=text_tokens)
+    counted = count(lambda: model(**kw)[0])
+    assert counted.value.shape == kw["hidden_states"].shape and counted.value.device.type == "meta"
+    return counted.tflop
+
+
 def added(model, resolution, text_tokens) -> float:
     """TFLOP a guided step adds to a plain one: per block the K/V projections of the ``T`` extra text rows and the
     queries' attention (``Q K^T``, ``P V``) over them; once, the caption projection (two Linears) of those rows."""
     config = model.config
     width = config.num_attention_heads * config.attention_head_dim
     cross = config.num_cross_attention_heads * config.cross_attention_head_dim
-    n, t = model_sana.tokens(config, resolution), text_tokens
+    n, t = sana.tokens(config, resolution), text_tokens
     per_block = 2 * (2 * t * config.cross_attention_dim * cross) + 2 * (2 * n * t * cross)
     caption = 2 * t * (config.caption_channels * width + width * width)
     return (config.num_layers * per_block + caption) / 1e12
@@ -46,33 +56,22 @@ def added(model, resolution, text_tokens) -> float:
 
 @pytest.mark.parametrize("name", ["sana-1600m", "sana-video-2b"])
 def test_tiny_config_on_meta_counts_plain_cfg_and_nag(name):
-    if name in model_sana.VIDEO:
+    if name in sana.VIDEO:
         _needs_video()
-    model = model_sana.build(name, **TINY[name])
+    model = sana.build(name, **TINY[name])
     resolution, text = TINY_SIZE[name], 8
-    flops = {v: model_sana.count(name, v, resolution, model, text_tokens=text) for v in model_sana.VARIANTS}
+    flops = {v: tflops(model, v, resolution, text) for v in sana.VARIANTS}
     assert flops["cfg"] == pytest.approx(2 * flops["no_nag"])
     assert flops["nag"] - flops["no_nag"] == pytest.approx(added(model, resolution, text), rel=1e-9)
     assert flops["nag_cfg"] - flops["cfg"] == pytest.approx(flops["nag"] - flops["no_nag"], rel=1e-9)
-    assert model_sana.count(name, "no_nag", resolution, model, text_tokens=text) == flops["no_nag"]  # removed again
-
-
-def test_flops_suite_entries_build_their_inputs():
-    _needs_video()
-    for key, tokens in (("sana-1600m-1024", 1024), ("sana-video-2b-832x480x81", 21 * 30 * 52)):
-        entry = MODELS[key]
-        assert entry.image_tokens == tokens and entry.text_tokens == 300 and set(entry.targets) == {"nag"}
-        model = entry.build()
-        one, two = entry.step_inputs(model, 1), entry.step_inputs(model, 2)
-        assert one["nag"][0]["encoder_hidden_states"].shape[0] == 2 == two["nag"][0]["hidden_states"].shape[0]
-        assert two["cfg"][0]["encoder_attention_mask"].shape == (4, 300)
+    assert tflops(model, "no_nag", resolution, text) == flops["no_nag"]  # removed again
 
 
 @pytest.mark.slow  # the full-size models on the meta device: run by CI's slow stage
 def test_sana_1600m_1024_nag_is_at_most_1_07x_a_plain_step():
-    model = model_sana.build("sana-1600m")
-    flops = {v: model_sana.count("sana-1600m", v, "1024", model) for v in ("no_nag", "nag")}
-    assert model_sana.tokens(model.config, "1024") == 1024
+    model = sana.build("sana-1600m")
+    flops = {v: tflops(model, v, "1024") for v in ("no_nag", "nag")}
+    assert sana.tokens(model.config, "1024") == 1024
     assert flops["nag"] - flops["no_nag"] == pytest.approx(added(model, "1024", 300), rel=1e-9)
     assert flops["no_nag"] == pytest.approx(2.9667, abs=1e-4)
     assert flops["nag"] == pytest.approx(3.1482, abs=1e-4)
@@ -82,10 +81,10 @@ def test_sana_1600m_1024_nag_is_at_most_1_07x_a_plain_step():
 @pytest.mark.slow
 def test_sana_video_2b_480p_nag_is_at_most_1_02x_a_plain_step():
     _needs_video()
-    model = model_sana.build("sana-video-2b")
+    model = sana.build("sana-video-2b")
     resolution = "832x480x81"
-    flops = {v: model_sana.count("sana-video-2b", v, resolution, model) for v in ("no_nag", "nag")}
-    assert model_sana.tokens(model.config, resolution) == 21 * 30 * 52
+    flops = {v: tflops(model, v, resolution) for v in ("no_nag", "nag")}
+    assert sana.tokens(model.config, resolution) == 21 * 30 * 52
     assert flops["nag"] - flops["no_nag"] == pytest.approx(added(model, resolution, 300), rel=1e-9)
     assert flops["no_nag"] == pytest.approx(121.0766, abs=1e-3)
     assert flops["nag"] == pytest.approx(122.9644, abs=1e-3)

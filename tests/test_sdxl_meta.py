@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import model_sdxl
+from meta_models import sdxl
+from meta_models.count import count
+from nag_kernels.integrations import apply_nag, remove_nag
 
 pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
 
 
+def tflops(model, variant: str, resolution: str = "1024") -> float:
+    (apply_nag if variant.startswith("nag") else remove_nag)(model)
+    kw = sdxl.step_inputs(model, variant, resolution)
+    return count(lambda: model(**kw)).tflop
+
+
 def test_sdxl_1024_nag_adds_only_the_second_branchs_cross_attention():
-    model = model_sdxl.build()
-    flops = {variant: model_sdxl.count("sdxl-base-1.0", variant, "1024", model) for variant in ("no_nag", "nag")}
-    text = model_sdxl.TEXT_TOKENS
+    model = sdxl.build()
+    flops = {variant: tflops(model, variant) for variant in ("no_nag", "nag")}
+    text = sdxl.TEXT_TOKENS
 
     def blocks(count, width, tokens):
         return count * (2 * (2 * text * 2048 * width) + 2 * (2 * tokens * text * width))

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import model_wan
+from meta_models import wan
+from meta_models.count import count
+from nag_kernels.integrations import apply_nag, remove_nag
 
 pytestmark = pytest.mark.slow  # a full-size model on the meta device: run by CI's slow stage
 
 
+def tflops(model, name: str, variant: str, resolution: str) -> float:
+    (apply_nag if variant == "nag" else remove_nag)(model)
+    kw = wan.step_inputs(model, variant, resolution, name)
+    return count(lambda: model(**kw)).tflop
+
+
 def test_wan21_14b_720p_nag_is_at_most_1_02x_a_plain_step():
     name, resolution = "wan2.1-t2v-14b", "720p"
-    model = model_wan.build(name)
-    flops = {variant: model_wan.count(name, variant, resolution, model) for variant in ("no_nag", "nag")}
-    width, layers, text = 5120, 40, model_wan.TEXT_TOKENS
-    video = model_wan.video_tokens(name, resolution)
+    model = wan.build(name)
+    flops = {variant: tflops(model, name, variant, resolution) for variant in ("no_nag", "nag")}
+    width, layers, text = 5120, 40, wan.TEXT_TOKENS
+    video = wan.video_tokens(name, resolution)
     assert video == 21 * 45 * 80 == 75600
     kv = 2 * (2 * text * width * width)  # to_k, to_v on the extra rows
     attention = 2 * (2 * video * text * width)  # Q K^T and P V of the second branch

@@ -99,7 +99,7 @@ def step_inputs(model, variant: str, resolution: int = 1024, batch: int = 1, t5_
 
 
 def flops_inputs(model, batch: int = 1, resolution: int = 1024) -> dict[str, list[dict]]:
-    """The flops suite's step (``flops_models``): no NAG, CFG (one forward at 2 rows, as the pipeline batches it) and
-    the guided forward."""
+    """The flops suite's step (``benchmarks/flops_models.py``): no NAG, CFG (one forward at 2 rows, as the pipeline
+    batches it) and the guided forward."""
     return {v: [step_inputs(model, name, resolution, batch)] for v, name in
             (("no_nag", "plain"), ("cfg", "cfg"), ("nag", "nag"))}

@@ -4,7 +4,7 @@
 device in bfloat16; ``step_inputs(model, variant, resolution)`` the keyword arguments of one step's transformer
 work: ``"no_nag"`` (one plain forward), ``"cfg"`` (the conditional and the unconditional pass, counted as one
 forward at batch 2: the same FLOPs as Wan's two calls) or ``"nag"`` (one guided forward: 2 text rows, 1 video row;
-the model must be patched with ``apply_nag``). ``count(name, variant, resolution)`` does all of it and returns TFLOP.
+the model must be patched with ``apply_nag``).
 """
 
 from __future__ import annotations
@@ -72,17 +72,3 @@ def step_inputs(model: torch.nn.Module, variant: str, resolution: str, name: str
         kw["encoder_hidden_states_image"] = torch.empty(
             videos, IMAGE_TOKENS, model.config.image_dim, device=meta, dtype=dtype)
     return kw
-
-
-def count(name: str, variant: str, resolution: str, model: torch.nn.Module | None = None) -> float:
-    """TFLOP of one step of ``name`` at ``resolution`` for ``variant`` (a matching ``model`` may be passed in)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nag_kernels.integrations import apply_nag, remove_nag
-
-    model = build(name) if model is None else model
-    (apply_nag if variant == "nag" else remove_nag)(model)
-    kw = step_inputs(model, variant, resolution, name)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw)
-    return counter.get_total_flops() / 1e12

@@ -4,7 +4,6 @@
 bfloat16; ``step_inputs(model, variant, resolution)`` one step's keyword arguments: ``"no_nag"`` (1 latent row, 1
 text row), ``"cfg"`` (the pipeline's batched CFG call: 2 and 2), ``"nag"`` (1 latent row, positive + NAG-negative
 text rows) or ``"nag_cfg"`` (2 latent rows, text ``[uncond; cond; NAG-negative]``); NAG variants need ``apply_nag``.
-``count(name, variant, resolution)`` does all of it and returns TFLOP.
 """
 
 from __future__ import annotations
@@ -50,16 +49,3 @@ def step_inputs(model: torch.nn.Module, variant: str, resolution: str = "1024") 
                                time_ids=torch.empty(latents, 6, device=meta, dtype=dtype)),
         return_dict=False,
     )
-
-
-def count(name: str, variant: str, resolution: str = "1024", model: torch.nn.Module | None = None) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nag_kernels.integrations import apply_nag, remove_nag
-
-    model = build(name) if model is None else model
-    (apply_nag if variant.startswith("nag") else remove_nag)(model)
-    kw = step_inputs(model, variant, resolution)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw)
-    return counter.get_total_flops() / 1e12

@@ -9,7 +9,7 @@ fields, e.g. a tiny config for tests); ``step_inputs(model, variant, resolution)
 - ``"nag"``: NAG without CFG (latents 1 row, text and mask 2 rows: positive, NAG negative); Sana-Sprint's only mode;
 - ``"nag_cfg"``: NAG with batched CFG (latents 2 rows, text 3 rows: uncond, cond, NAG negative of cond).
 
-NAG variants need ``apply_nag``; ``count(name, variant, resolution)`` does all of it and returns TFLOP.
+NAG variants need ``apply_nag``.
 
 Configs: ``sana-1600m`` is ``Efficient-Large-Model/Sana_1600M_1024px_diffusers`` (diffusers' class defaults: 20 blocks
 of width 2240, linear self-attention 70 x 32, cross-attention 20 x 112, Gemma2-2B captions of 2304, DC-AE 32x with 32
@@ -87,22 +87,6 @@ def step_inputs(model, variant: str, resolution="1024", batch: int = 1, text_tok
 
 
 def flops_inputs(resolution: str, model, batch: int = 1) -> dict[str, list[dict]]:
-    """The flops suite's step (``flops_models``): no NAG, CFG (one forward at 2 rows, as the pipelines batch it) and
-    the guided forward."""
+    """The flops suite's step (``benchmarks/flops_models.py``): no NAG, CFG (one forward at 2 rows, as the pipelines
+    batch it) and the guided forward."""
     return {v: [step_inputs(model, v, resolution, batch)] for v in ("no_nag", "cfg", "nag")}
-
-
-def count(name: str, variant: str, resolution="1024", model: torch.nn.Module | None = None,
-          text_tokens: int = TEXT_TOKENS) -> float:
-    """TFLOP of one step of ``variant`` (NAG variants with ``apply_nag``, the others unpatched)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nag_kernels.integrations import apply_nag, remove_nag
-
-    model = build(name) if model is None else model
-    (apply_nag if variant.startswith("nag") else remove_nag)(model)
-    kw = step_inputs(model, variant, resolution, text_tokens=text_tokens)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**kw)[0]
-    assert out.shape == kw["hidden_states"].shape and out.device.type == "meta"
-    return counter.get_total_flops() / 1e12

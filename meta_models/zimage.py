@@ -5,10 +5,11 @@ counting.
 device in bfloat16; ``step_inputs(model, variant, resolution, caption, negative)`` the arguments of one step's
 transformer work: ``"no_nag"`` (one plain forward), ``"cfg"`` (conditional and unconditional rows batched, as the
 pipelines do) or ``"nag"`` (one guided forward, the default path: the image shared; the model must be patched with
-``apply_nag``). ``count(name, variant, resolution)`` returns TFLOP (by default on a model with one block per stack,
-the block costs repeated to the full depth: exact, the blocks of a stack being identical, and quick); ``"nag_2b"``
-is the authors'-style 2B layout for comparison (joined layers at two rows): the CFG count minus the parts that stay
-at one row there (the x embedder, the noise refiner and the final layer), measured per module.
+``apply_nag``). ``build(name, shallow=True)`` has one block per stack; ``repeat(name, model)`` is what
+``meta_models.count.count`` needs to count it at the full depth (exact, the blocks of a stack being identical, and
+quick). ``nag_2b(name, model, cfg, plain)`` derives the authors'-style 2B layout for comparison (joined layers at two
+rows) from the counts of the ``cfg`` and ``no_nag`` forwards: the CFG count minus the parts that stay at one row there
+(the x embedder, the noise refiner and the final layer), measured per module.
 
 Caption lengths: Z-Image's pipelines keep only a prompt's real tokens (up to ``max_sequence_length=512``) and the
 model pads each caption to a multiple of 32, so the text length depends on the prompt; ``TEXT_TOKENS`` (512, the
@@ -29,16 +30,14 @@ CONFIGS = {
     ),
 }
 TEXT_TOKENS = 512
-VARIANTS = ("no_nag", "cfg", "nag", "nag_2b")
+VARIANTS = ("no_nag", "cfg", "nag", "nag_2b")  # nag_2b: derived from the cfg and no_nag counts
 _ONE_ROW = re.compile(r"ZImageTransformer2DModel\.(all_x_embedder\.[^.]+|noise_refiner\.\d+|all_final_layer\.[^.]+)")
-
 
 _STACKS = {"noise_refiner": "n_refiner_layers", "context_refiner": "n_refiner_layers", "layers": "n_layers"}
 
 
 def build(name: str = "z-image-turbo", shallow: bool = False) -> torch.nn.Module:
-    """The model on meta; ``shallow``: one block per stack (``count`` scales its block costs to the full depth:
-    exact, the blocks of a stack being identical, and much quicker to count)."""
+    """The model on meta; ``shallow``: one block per stack (``repeat`` counts it at the full depth)."""
     from diffusers import ZImageTransformer2DModel
 
     config = {**CONFIGS[name], **({"n_layers": 1, "n_refiner_layers": 1} if shallow else {})}
@@ -63,33 +62,17 @@ def step_inputs(model, variant: str, resolution: int = 1024, caption: int = TEXT
     )
 
 
-def _counted(model, kw, name: str) -> dict:
-    """Per-module FLOPs of one forward, the blocks of a shallower ``model`` repeated up to ``name``'s depth."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw)
-    counts = {module: sum(ops.values()) for module, ops in counter.get_flop_counts().items()}
+def repeat(name: str, model: torch.nn.Module) -> dict[str, int]:
+    """``count``'s ``repeat`` for ``model`` standing for ``name``: each stack's first block counted once more per
+    block ``model`` lacks (nothing for the full-depth model)."""
     root = type(model).__name__
-    for stack, key in _STACKS.items():
-        missing = CONFIGS[name][key] - model.config[key]
-        counts["Global"] += missing * counts.get(f"{root}.{stack}.0", 0)
-    return counts
+    return {f"{root}.{stack}.0": CONFIGS[name][key] - model.config[key] for stack, key in _STACKS.items()}
 
 
-def count(name: str, variant: str, resolution: int = 1024, model=None, caption: int = TEXT_TOKENS,
-          negative: int | None = None) -> float:
-    """TFLOP of one step of ``name`` at ``resolution``^2 for ``variant`` (a matching ``model`` may be passed in)."""
-    from nag_kernels.integrations import apply_nag, remove_nag
-
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    model = build(name, shallow=True) if model is None else model
-    (apply_nag if variant == "nag" else remove_nag)(model)
-    if variant != "nag_2b":
-        return _counted(model, step_inputs(model, variant, resolution, caption, negative), name)["Global"] / 1e12
-    cfg = _counted(model, step_inputs(model, "cfg", resolution, caption), name)["Global"]
-    plain = _counted(model, step_inputs(model, "no_nag", resolution, caption), name)
-    scale = CONFIGS[name]["n_refiner_layers"] / model.config.n_refiner_layers  # the noise refiner, to full depth
-    one_row = sum(f * (scale if ".noise_refiner." in m else 1) for m, f in plain.items() if _ONE_ROW.fullmatch(m))
-    return (cfg - one_row) / 1e12
+def nag_2b(name: str, model: torch.nn.Module, cfg, plain) -> int:
+    """FLOPs of the authors'-style 2B layout: ``cfg`` (the ``cfg`` forward's count, at the full depth) minus the
+    modules of ``plain`` (the ``no_nag`` forward's count) that stay at one row, the noise refiner's scaled to the full
+    depth."""
+    scale = CONFIGS[name]["n_refiner_layers"] / model.config.n_refiner_layers
+    return round(cfg.flops - sum(f * (scale if ".noise_refiner." in m else 1)
+                                 for m, f in plain.by_module.items() if _ONE_ROW.fullmatch(m)))

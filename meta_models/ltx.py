@@ -4,7 +4,6 @@
 device in bfloat16; ``step_inputs(model, variant, resolution)`` one step's keyword arguments: ``"no_nag"``,
 ``"cfg"`` (the pipeline's batched CFG call), ``"nag"`` (positive + NAG-negative text rows and masks for 1 video row)
 or ``"nag_cfg"`` (2 video rows, text ``[uncond; cond; NAG-negative]``); NAG variants need ``apply_nag``.
-``count(name, variant, resolution)`` does all of it and returns TFLOP.
 """
 
 from __future__ import annotations
@@ -51,16 +50,3 @@ def step_inputs(model: torch.nn.Module, variant: str, resolution: str = "704x480
         encoder_attention_mask=torch.empty(texts, TEXT_TOKENS, device=meta, dtype=dtype),
         num_frames=frames, height=height, width=width, return_dict=False,
     )
-
-
-def count(name: str, variant: str, resolution: str = "704x480x161", model: torch.nn.Module | None = None) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nag_kernels.integrations import apply_nag, remove_nag
-
-    model = build(name) if model is None else model
-    (apply_nag if variant.startswith("nag") else remove_nag)(model)
-    kw = step_inputs(model, variant, resolution)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw)
-    return counter.get_total_flops() / 1e12

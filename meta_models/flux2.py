@@ -4,12 +4,13 @@
 on the meta device in bfloat16; ``step_inputs(model, variant, resolution)`` the keyword arguments of one step's
 transformer work: ``"no_nag"`` (one plain forward), ``"cfg"`` (conditional and unconditional pass, counted as one
 forward at batch 2: the same FLOPs as two calls) or ``"nag"`` (one guided forward, 2 text rows and 1 image row, the
-default path: the image stream shared; the model must be patched with ``apply_nag``). ``count(name, variant,
-resolution)`` does all of it and returns TFLOP (by default on a model with one block of each kind, the block costs
-repeated to the full depth: exact, since a stack's blocks are identical, and quick); variant ``"nag_2b"`` is the
-authors'-style 2B layout for comparison (double blocks share the image stream, single blocks run it at 2B): the CFG
-count minus the parts that stay at one row there (the double blocks' image stream, the input and output
-projections), measured per module.
+default path: the image stream shared; the model must be patched with ``apply_nag``).
+
+``build(name, shallow=True)`` has one block of each kind; ``repeat(name, model)`` is what ``meta_models.count.count``
+needs to count it at the full depth (exact, since a stack's blocks are identical, and 20x quicker). ``nag_2b(name,
+model, cfg, plain)`` derives the authors'-style 2B layout for comparison (double blocks share the image stream, single
+blocks run it at 2B) from the counts of the ``cfg`` and ``no_nag`` forwards: the CFG count minus the parts that stay
+at one row there (the double blocks' image stream, the input and output projections), measured per module.
 """
 
 from __future__ import annotations
@@ -31,19 +32,17 @@ CONFIGS = {
                        "joint_attention_dim": 12288, "guidance_embeds": False},  # Qwen3-8B: 3 x 4096
 }
 TEXT_TOKENS = 512  # the pipelines pad the prompt to max_sequence_length=512
-VARIANTS = ("no_nag", "cfg", "nag", "nag_2b")
+VARIANTS = ("no_nag", "cfg", "nag", "nag_2b")  # nag_2b: derived from the cfg and no_nag counts
 # Modules that stay at one image row in the 2B layout (the rest runs at two rows, as in CFG).
 _ONE_ROW = re.compile(
     r"Flux2Transformer2DModel\.(x_embedder|proj_out|norm_out|transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0)|ff))"
 )
 
-
 _STACKS = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
 
 
 def build(name: str, shallow: bool = False) -> torch.nn.Module:
-    """The model on meta; ``shallow``: one block of each kind (``count`` scales its block costs to the full depth:
-    the blocks of a stack are identical, so that is exact, and 20x quicker to count)."""
+    """The model on meta; ``shallow``: one block of each kind (``repeat`` counts it at the full depth)."""
     from diffusers import Flux2Transformer2DModel
 
     config = {**CONFIGS[name], **({key: 1 for key in _STACKS.values()} if shallow else {})}
@@ -74,33 +73,17 @@ def step_inputs(model: torch.nn.Module, variant: str, resolution: int = 1024, te
     )
 
 
-def _counted(model, kw, name: str) -> dict:
-    """Per-module FLOPs of one forward, the blocks of a shallower ``model`` repeated up to ``name``'s depth."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw)
-    counts = {module: sum(ops.values()) for module, ops in counter.get_flop_counts().items()}
+def repeat(name: str, model: torch.nn.Module) -> dict[str, int]:
+    """``count``'s ``repeat`` for ``model`` standing for ``name``: each stack's first block counted once more per
+    block ``model`` lacks (nothing for the full-depth model)."""
     root = type(model).__name__
-    for stack, key in _STACKS.items():
-        missing = CONFIGS[name][key] - model.config[key]
-        counts["Global"] += missing * counts.get(f"{root}.{stack}.0", 0)
-    return counts
+    return {f"{root}.{stack}.0": CONFIGS[name][key] - model.config[key] for stack, key in _STACKS.items()}
 
 
-def count(name: str, variant: str, resolution: int = 1024, model: torch.nn.Module | None = None,
-          text_tokens: int = TEXT_TOKENS) -> float:
-    """TFLOP of one step of ``name`` at ``resolution``^2 for ``variant`` (a matching ``model`` may be passed in)."""
-    from nag_kernels.integrations import apply_nag, remove_nag
-
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    model = build(name, shallow=True) if model is None else model
-    (apply_nag if variant == "nag" else remove_nag)(model)
-    if variant != "nag_2b":
-        return _counted(model, step_inputs(model, variant, resolution, text_tokens), name)["Global"] / 1e12
-    cfg = _counted(model, step_inputs(model, "cfg", resolution, text_tokens), name)["Global"]
-    plain = _counted(model, step_inputs(model, "no_nag", resolution, text_tokens), name)
-    scale = CONFIGS[name]["num_layers"] / model.config.num_layers  # the double blocks' image stream, to full depth
-    one_row = sum(f * (scale if ".transformer_blocks." in m else 1) for m, f in plain.items() if _ONE_ROW.fullmatch(m))
-    return (cfg - one_row) / 1e12
+def nag_2b(name: str, model: torch.nn.Module, cfg, plain) -> int:
+    """FLOPs of the authors'-style 2B layout: ``cfg`` (the ``cfg`` forward's count, at the full depth) minus the
+    modules of ``plain`` (the ``no_nag`` forward's count) that stay at one row, the double blocks' scaled to the full
+    depth."""
+    scale = CONFIGS[name]["num_layers"] / model.config.num_layers
+    return round(cfg.flops - sum(f * (scale if ".transformer_blocks." in m else 1)
+                                 for m, f in plain.by_module.items() if _ONE_ROW.fullmatch(m)))
