@@ -2,7 +2,7 @@
 timestep, image embeddings B) equals the independent float64 computation (hunyuanvideo15_reference) with both text
 masks, rows without any ByT5 token, image-to-video and text-to-video image tokens and MeanFlow's timestep_r; plain
 calls, nag_scale=1, negative == positive and calls past nag_end are the stock model; removal exact; errors; the
-parallel and gradient-checkpointing refusals; autograd against finite differences."""
+parallel refusal; gradient checkpointing; autograd against finite differences."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_bad_input_gets_clear_errors():
     torch.testing.assert_close(run(model, kw), expected(model, kw), rtol=0, atol=1e-10)  # nothing left behind
 
 
-def test_parallel_config_and_gradient_checkpointing_are_refused_on_guided_calls():
+def test_a_parallel_config_is_refused_on_guided_calls():
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
     model = apply_nag(toy.transformer().double(), backend="torch")
@@ -170,11 +170,27 @@ def test_parallel_config_and_gradient_checkpointing_are_refused_on_guided_calls(
     with pytest.raises(NotImplementedError, match="no context-parallel plan .* for HunyuanVideo15Transformer3DModel"):
         run(model, kw)
     model._parallel_config = None
-    model.enable_gradient_checkpointing()
-    with pytest.raises(NotImplementedError, match="does not support gradient checkpointing"):
-        model(**kw)  # grad on
-    torch.testing.assert_close(run(model, kw), expected(model, kw), rtol=0, atol=1e-10)  # no_grad: recomputes nothing
+    torch.testing.assert_close(run(model, kw), expected(model, kw), rtol=0, atol=1e-10)
     assert torch.equal(run(model, positive(kw)), plain)
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_guided_forward():
+    """The checkpointed blocks are recomputed in backward, after the guided forward: the core binds its record to
+    their calls (guided.carry_record_into_checkpoints), so the gradients are those without checkpointing."""
+    model = apply_nag(toy.transformer().double().train(), backend="torch")
+    kw = inputs(batch=1)
+
+    def grads():
+        x = kw["hidden_states"].clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        out = model(**{**kw, "hidden_states": x}, return_dict=False)[0]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), x.grad, model.transformer_blocks[1].attn.add_k_proj.weight.grad.clone()
+
+    want = grads()
+    model.enable_gradient_checkpointing()
+    for got, expect in zip(grads(), want):
+        torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
 
 
 # -- autograd --------------------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ forward runs unchanged at ``2B`` rows except where the video stream is concerned
 - ``_norm_out_forward`` (the final ``norm_out``): the first ``B`` rows of the conditioning, its result repeated to the
   ``2B`` rows the stock forward unpatchifies; ``_output_hook`` (a forward hook on the model) returns the first ``B``.
 
-diffusers 0.42.1 has no context-parallel plan (``_cp_plan``) for this model: a guided call under a parallel config is
-refused, and so is a guided call under gradient checkpointing with grad on (the blocks are recomputed in backward,
-after the forward's record is gone). Plain forwards (no record) are the stock computation: every patched forward
-passes them through unchanged.
+The model's forward passes no attention kwargs to its blocks, so the record reaches the processors and the patched
+forwards per thread (``call_state.record()``, ``Family.passes_attention_kwargs``); under gradient checkpointing the
+recomputed blocks get it bound to their call (``guided.carry_record_into_checkpoints``). diffusers 0.42.1 has no
+context-parallel plan (``_cp_plan``) for this model: a guided call under a parallel config is refused. Plain forwards
+(no record) are the stock computation: every patched forward passes them through unchanged.
 """
 
 from __future__ import annotations
@@ -173,12 +174,6 @@ def _restore(model, handle) -> None:
 def _check(model, kw: dict, batch: int) -> None:
     """A guided forward's inputs (``batch`` video rows) that the batch rule alone does not catch."""
     _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
-    if torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False):
-        raise NotImplementedError(
-            "NAG on HunyuanVideo 1.5 does not support gradient checkpointing (the blocks are recomputed in backward, "
-            "after the guided forward): call model.disable_gradient_checkpointing(), or run the guided forward under "
-            "torch.no_grad()"
-        )
     hidden = kw["hidden_states"]
     if hidden.dim() != 5:
         raise ValueError(f"hidden_states must be [B, C, F, H, W] in a NAG call, got {tuple(hidden.shape)}")
