@@ -50,6 +50,7 @@ from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
 # Families still being added keep their builders in benchmarks/ until they move to meta_models/.
 from . import model_kandinsky6
 from . import model_hunyuanvideo15
+from . import model_qwenimage21
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
@@ -364,6 +365,12 @@ MODELS: dict[str, FlopsModel] = {
                    build=functools.cache(model_hunyuanvideo15.build),
                    step_inputs=functools.partial(model_hunyuanvideo15.flops_inputs, "720p"), variants=ONE_MODE,
                    size="1280x720x121", targets={"nag": Target(1.05, "<= 1.05x")}),
+        # Qwen-Image 2.1 (QwenImage21Transformer2DModel's defaults in diffusers 0.42.1) at 1024^2, 256 text positions: a
+        # full step (the KV cache's first); CFG is two forwards. KV-cached steps: model_qwenimage21.count(cached=True).
+        FlopsModel(key="qwen-image-2.1-1024", config="Qwen-Image 2.1", resolution=1024,
+                   image_tokens=model_qwenimage21.image_tokens(1024), text_tokens=model_qwenimage21.TEXT_TOKENS,
+                   build=functools.cache(model_qwenimage21.build), variants=ONE_MODE, targets={"nag": AT_MOST_1_15},
+                   step_inputs=functools.partial(model_qwenimage21.flops_inputs, 1024, model_qwenimage21.TEXT_TOKENS)),
         # The Flux-shaped toy (meta_models.flux.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),
