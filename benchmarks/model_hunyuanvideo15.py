@@ -67,7 +67,8 @@ def _forward_counted(self, hidden_states, timestep, encoder_hidden_states, encod
         image = image * 0.0
     image = image + self.cond_type_embed(2 * torch.ones_like(image[:, :, 0], dtype=torch.long))
     make = torch.zeros if self._nag_meta_t2v else torch.ones  # text-to-video: the image tokens are masked out
-    mask_3 = make((batch_size, image.shape[1]), dtype=encoder_attention_mask.dtype, device=encoder_attention_mask.device)
+    mask_3 = make((batch_size, image.shape[1]), dtype=encoder_attention_mask.dtype,
+                  device=encoder_attention_mask.device)
     encoder_hidden_states = torch.cat([image, text_2, text], dim=1)  # the stock order: image, ByT5, Qwen
     mask = torch.cat([mask_3.bool(), encoder_attention_mask_2.bool(), encoder_attention_mask.bool()], dim=1)
     for block in self.transformer_blocks:

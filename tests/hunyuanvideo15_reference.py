@@ -59,7 +59,8 @@ def _refine(refiner, text, timestep):
         out = attn.to_out[0](_attention(q, k, v))
         gate_msa, gate_mlp = block.norm_out.linear(F.silu(temb)).chunk(2, dim=-1)
         h = h + out * gate_msa
-        h = h + block.ff(F.layer_norm(h, h.shape[-1:], block.norm2.weight, block.norm2.bias, block.norm2.eps)) * gate_mlp
+        hn = F.layer_norm(h, h.shape[-1:], block.norm2.weight, block.norm2.bias, block.norm2.eps)
+        h = h + block.ff(hn) * gate_mlp
     return h
 
 

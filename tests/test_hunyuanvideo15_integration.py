@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import warnings
 
+import hunyuanvideo15_toy as toy
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
-
-import hunyuanvideo15_reference as reference
-import hunyuanvideo15_toy as toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import NAGGuidance, apply_nag, remove_nag
 from test_hunyuanvideo15_pipeline import NEGATIVE, PROMPT, call_args, encoded, gen, reference_forward, run_reference
 from test_hunyuanvideo15_transformer import expected, inputs, positive, run
+from torch._dynamo.testing import CompileCounter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import types
 
+import hunyuanvideo15_toy as toy
 import pytest
 import torch
+from flux_toy import single_thread  # noqa: F401  (fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
-import hunyuanvideo15_toy as toy
 from benchmarks import model_hunyuanvideo15 as builder
 from benchmarks.flops_models import MODELS
-from flux_toy import single_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

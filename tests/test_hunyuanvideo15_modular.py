@@ -12,6 +12,8 @@ apply_nag's blocks.
 
 from __future__ import annotations
 
+import hunyuanvideo15_toy as toy
+import modular_toy
 import pytest
 import torch
 from diffusers.modular_pipelines import HunyuanVideo15AutoBlocks
@@ -20,9 +22,6 @@ from diffusers.modular_pipelines.hunyuan_video1_5.modular_blocks_hunyuan_video1_
     HunyuanVideo15Image2VideoBlocks,
 )
 from diffusers.modular_pipelines.hunyuan_video1_5.modular_pipeline import HunyuanVideo15ModularPipeline
-
-import hunyuanvideo15_toy as toy
-import modular_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from modular_toy import generator
 from nag_kernels.integrations import NAGGuidance, apply_nag, modular, remove_nag

@@ -6,14 +6,13 @@ parallel refusal; gradient checkpointing; autograd against finite differences.""
 
 from __future__ import annotations
 
+import hunyuanvideo15_reference as reference
+import hunyuanvideo15_toy as toy
 import pytest
 import torch
 from diffusers.models import normalization
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
-
-import hunyuanvideo15_reference as reference
-import hunyuanvideo15_toy as toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 

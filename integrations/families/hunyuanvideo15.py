@@ -189,8 +189,8 @@ def _check(model, kw: dict, batch: int) -> None:
         raise ValueError(f"{IMAGE} is required in a NAG call (zeros for text-to-video, as the pipelines pass)")
     if rows(image) not in (batch, 2 * batch):
         raise ValueError(
-            f"{IMAGE} must have one row per video sample ({batch}) or {2 * batch} in a NAG call, got {rows(image)} (the "
-            "stock model needs one per sample too: HunyuanVideo15Pipeline passes one per prompt, so it supports "
+            f"{IMAGE} must have one row per video sample ({batch}) or {2 * batch} in a NAG call, got {rows(image)} "
+            "(the stock model needs one per sample too: HunyuanVideo15Pipeline passes one per prompt, so it supports "
             "num_videos_per_prompt=1 only)"
         )
 
