@@ -38,6 +38,7 @@ from meta_models import flux as model_flux
 from meta_models import flux2 as model_flux2
 from meta_models import hidream as model_hidream
 from meta_models import ltx as model_ltx
+from meta_models import ltx2 as model_ltx2
 from meta_models import qwenimage as model_qwenimage
 from meta_models import sana as model_sana
 from meta_models import sd3 as model_sd3
@@ -252,6 +253,21 @@ def ltx(key: str, resolution: str = "704x480x161", name: str = "ltx-video-2b") -
     )
 
 
+@functools.cache
+def _ltx2_meta(name: str) -> torch.nn.Module:
+    return model_ltx2.build(name)
+
+
+def ltx2(key: str, name: str, resolution: str, max_ratio: float) -> FlopsModel:
+    video, audio = model_ltx2.video_tokens(resolution), model_ltx2.audio_tokens(resolution)
+    return FlopsModel(
+        key=key, config=model_ltx2.LABELS[name], resolution=resolution, image_tokens=video,
+        text_tokens=model_ltx2.TEXT_TOKENS, build=functools.partial(_ltx2_meta, name),
+        step_inputs=functools.partial(model_ltx2.flops_inputs, name, resolution), variants=ONE_MODE, size=resolution,
+        tokens=f"{video}+{audio} audio+{model_ltx2.TEXT_TOKENS}", targets={"nag": Target(max_ratio, f"<= {max_ratio}x")},
+    )
+
+
 def sd3(key: str, label: str, name: str, resolution: int, **kw) -> FlopsModel:
     return FlopsModel(
         key=key, config=label, resolution=resolution, image_tokens=(resolution // 16) ** 2,
@@ -371,6 +387,12 @@ MODELS: dict[str, FlopsModel] = {
                    image_tokens=model_qwenimage21.image_tokens(1024), text_tokens=model_qwenimage21.TEXT_TOKENS,
                    build=functools.cache(model_qwenimage21.build), variants=ONE_MODE, targets={"nag": AT_MOST_1_15},
                    step_inputs=functools.partial(model_qwenimage21.flops_inputs, 1024, model_qwenimage21.TEXT_TOKENS)),
+        # LTX-2 19B and LTX-2.3 22B (video + audio streams, NAG in both text cross-attentions), 121 frames at 24 fps
+        # (126 audio tokens), 1024 Gemma3 tokens through the connectors; the pipelines batch CFG (one forward, 2 rows).
+        ltx2("ltx2-19b-768x512x121", "ltx-2-19b", "768x512x121", 1.05),
+        ltx2("ltx2-19b-1920x1088x121", "ltx-2-19b", "1920x1088x121", 1.025),
+        ltx2("ltx2.3-22b-768x512x121", "ltx-2.3-22b", "768x512x121", 1.05),
+        ltx2("ltx2.3-22b-1920x1088x121", "ltx-2.3-22b", "1920x1088x121", 1.025),
         # The Flux-shaped toy (meta_models.flux.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),
