@@ -29,6 +29,7 @@ FAMILIES = {
     "hunyuanvideo15": "HunyuanVideo 1.5",
     "kandinsky6": "Kandinsky 6",
     "krea2": "Krea 2 (Krea2Transformer2DModel)",
+    "wananimate2": "Wan Animate 2 (WanAnimate2Transformer3DModel; modular blocks)",
     "flux3": "FLUX.3 (Flux3Transformer2DModel; modular blocks)",
 }
 
