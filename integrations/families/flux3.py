@@ -195,7 +195,13 @@ class Flux3Prompts(PromptAdapter):
 
     def append(self, result, negative: dict):
         ref, x = result[0], negative[0]
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and ref is not None and ref.dim() == 3:
+        if isinstance(x, torch.Tensor) and isinstance(ref, torch.Tensor) and ref.dim() == 3:
+            if x.dim() != 3 or x.shape[-1] != ref.shape[-1]:
+                raise ValueError(
+                    f"nag_negative_prompt_embeds must be [batch, tokens, {ref.shape[-1]}] (the prompt's stacked "
+                    f"Qwen3-VL layers per token; any number of tokens: fitted to the prompt's window of "
+                    f"{ref.shape[1]}), got {tuple(x.shape)}"
+                )
             negative = {**negative, 0: fit_window(x, ref.shape[1])}
         return super().append(result, negative)
 
