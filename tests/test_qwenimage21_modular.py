@@ -107,3 +107,20 @@ def test_blocks_match_the_classic_pipeline(case, blocks):
     assert torch.equal(modular_latents(pipe, prompt, cfg, **stock_kw), stock)  # no NAG arguments: the stock blocks
     remove_nag(pipe)
     assert torch.equal(modular_latents(pipe, prompt, cfg, **stock_kw), stock)
+
+
+def test_nag_guider_on_blocks_composed_by_hand_matches_the_classic_pipeline():
+    from nag_kernels.integrations.guider import NAGGuidance
+    from nag_kernels.integrations.modular import NAGTextEncoderStep
+
+    classic = toy.pipeline()
+    blocks = QwenImage21AutoBlocks()
+    blocks.sub_blocks.insert("nag_text_encoder", NAGTextEncoderStep(blocks.sub_blocks["text_encoder"]), 1)
+    pipe = modular_toy.modular(None, classic, blocks=blocks)
+    with modular_toy.quiet():
+        pipe.update_components(guider=NAGGuidance(guidance_scale=3.0, nag_scale=5.0))
+        got = pipe(prompt=PROMPT, negative_prompt="trees", nag_negative_prompt="blurry", generator=generator(),
+                   output="latents", output_resolution=SIZE, **COMMON)
+    apply_nag(classic, backend="torch")
+    expected = classic_latents(classic, PROMPT, 3.0, nag_negative_prompt="blurry")
+    torch.testing.assert_close(got.flatten(2).transpose(1, 2), expected, rtol=0, atol=1e-12)
