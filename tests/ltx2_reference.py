@@ -35,8 +35,8 @@ class ReferenceTextAttention:
     """A text cross-attention over ``R`` rows, each with its own text and mask; the last ``guided`` rows are the
     NAG-negative rows of the ``guided`` rows before them (``pairs``: set per call by ``reference_forward``)."""
 
-    def __init__(self, settings: dict):
-        self.settings = settings
+    def __init__(self, settings: dict, own: dict | None = None):
+        self.settings, self.own = settings, own or {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
                  key_rotary_emb=None, **kwargs):
@@ -58,18 +58,20 @@ class ReferenceTextAttention:
         guided = self.settings.get("guided", 0)
         if guided:
             rows = out.shape[0] - guided
-            s = self.settings
+            s = {**self.settings, **self.own}
             combined = combine(out[rows - guided: rows], out[rows:], s["scale"], s["tau"], s["alpha"])
             out = torch.cat([out[: rows - guided], combined, combined])
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def reference_model(model, scale=9.0, tau=3.5, alpha=0.25):
+def reference_model(model, scale=9.0, tau=3.5, alpha=0.25, audio=None):
+    """``audio``: the audio stream's own ``{"scale": ..., "tau": ..., "alpha": ...}`` (default: the video's)."""
     ref = copy.deepcopy(model)
     settings = {"scale": scale, "tau": tau, "alpha": alpha}
     for name, module in ref.named_modules():
         if name.rsplit(".", 1)[-1] in TEXT:
-            module.set_processor(ReferenceTextAttention(settings))
+            own = audio if name.endswith("audio_attn2") else None
+            module.set_processor(ReferenceTextAttention(settings, own))
     ref._reference_settings = settings
     return ref
 

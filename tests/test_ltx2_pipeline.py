@@ -42,9 +42,9 @@ def connector_outputs(pipe, prompts, per_prompt=1):
         return pipe.connectors(embeds, mask, padding_side="left")
 
 
-def reference(pipe, positive, negative, scale=9.0, tau=3.5, alpha=0.25, end=1.0):
+def reference(pipe, positive, negative, scale=9.0, tau=3.5, alpha=0.25, end=1.0, audio=None):
     """A stock pipeline on ``pipe``'s components whose transformer is the reference model in the 2B layout."""
-    model = reference_model(pipe.transformer, scale, tau, alpha)
+    model = reference_model(pipe.transformer, scale, tau, alpha, audio)
     settings = model._reference_settings
     rows = positive[0].shape[0]
 
@@ -154,6 +154,18 @@ def test_batches_nag_end_and_settings():
     plain = call(pipe, nag_scale=1.0, **dict(kw, negative_prompt="ugly"))
     full = call(pipe, nag_negative_prompt="dog", **dict(kw, negative_prompt="ugly"))
     assert moved(out, plain) > 1e-4 and moved(out, full) > 1e-4
+
+
+def test_audio_settings_through_the_pipelines_attention_kwargs():
+    pipe = ltx2_toy.pipeline(LTX2Pipeline, "2.3")
+    own = {"scale": 3.0, "tau": 2.0, "alpha": 0.5}
+    positive, negative = connector_outputs(pipe, ["a red cat"]), connector_outputs(pipe, ["dog"])
+    expected = call(reference(pipe, positive, negative, audio=own), **ALL)
+    apply_nag(pipe, backend="torch")
+    extra = {"attention_kwargs": {f"audio_nag_{k}": v for k, v in own.items()}}
+    close(call(pipe, nag_negative_prompt="dog", **ALL, **extra), expected)
+    plain = call(pipe, **ALL)
+    assert all(torch.equal(a, b) for a, b in zip(call(pipe, **ALL, **extra), plain))  # no NAG: the keys are dropped
 
 
 def test_bad_nag_arguments():

@@ -92,6 +92,28 @@ def test_guided_forward_equals_the_float64_reference(version, layout):
 
 
 @pytest.mark.parametrize("version", ["2.0", "2.3"])
+def test_the_audio_stream_takes_its_own_settings(version):
+    model = ltx2_toy.transformer(version).double()
+    kw = inputs(version, 2, 3)  # batched CFG: one guided row
+    own = {"scale": 4.0, "tau": 2.0, "alpha": 0.75}
+    ref, ref_video_only = reference_model(model, 11.0, 1.5, 0.5, audio=own), reference_model(
+        model, 11.0, 1.5, 0.5, audio={"scale": 1.0})
+    stock = run(model, plain_rows(kw, 2))
+    apply_nag(model, backend="torch")
+    call = {"nag_scale": 11.0, "nag_tau": 1.5, "nag_alpha": 0.5}
+    out = run(model, kw, **call, **{f"audio_nag_{k}": v for k, v in own.items()})
+    close(out, reference_forward(ref, **kw))
+    video_only = run(model, kw, **call, audio_nag_scale=1.0)  # NAG on the video stream only
+    close(video_only, reference_forward(ref_video_only, **kw))
+    assert moved(video_only, out) > 1e-4 and (video_only[0] - stock[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="audio_nag_scale must be >= 1, got 0.5"):
+        run(model, kw, audio_nag_scale=0.5)
+    with pytest.raises(TypeError, match="audio_nag_tau must be a number"):
+        run(model, kw, audio_nag_tau="2")
+    assert all(torch.equal(a, b) for a, b in zip(run(model, plain_rows(kw, 2), audio_nag_scale=4.0), stock))
+
+
+@pytest.mark.parametrize("version", ["2.0", "2.3"])
 def test_stg_and_modality_isolation_beside_nag(version):
     model = ltx2_toy.transformer(version).double()
     kw = {**inputs(version), "isolate_modalities": True}

@@ -29,14 +29,16 @@ How the extra text rows pass the stock forward, for both configurations:
   row; the processor then reads each latent row's own text rows from its own copy.
 
 The model does not pass its attention kwargs to the blocks, so the record reaches the processors per thread
-(``call_state.record()``, ``Family.passes_attention_kwargs``).
+(``call_state.record()``, ``Family.passes_attention_kwargs``). Both streams take the call's settings; the attention
+kwargs ``audio_nag_scale`` / ``audio_nag_tau`` / ``audio_nag_alpha`` give the audio stream its own for one call
+(``audio_nag_scale=1``: the audio stream unguided), handed to the audio processors per thread as well.
 
 Pipelines: every LTX-2 pipeline computes its STG and modality-isolation passes (and the duration head's input) from
 the positive half of the connectors' output, ``connector_prompt_embeds.chunk(2)[1]``. With CFG a NAG call therefore
 encodes the CFG negative with the positive's rows appended (``[uncond; cond]``) and the positive with the NAG
 negative's (``[cond; NAG-negative]``), so that half is exactly the positive and NAG-negative rows: every
 positive-prompt pass (the conditional one, the STG-perturbed one, the modality-isolated one) is NAG-guided. The
-batched-CFG call then carries ``[uncond; cond; cond; NAG-negative]``; ``_cfg_rows`` (a forward pre-hook after
+batched-CFG call then carries ``[uncond; cond; cond; NAG-negative]``; ``_layout`` (a forward pre-hook after
 NAG's own) drops the repeated rows before anything is computed, and a forward where NAG is off takes the first half
 (``[uncond; cond]``, the stock call).
 """
@@ -71,8 +73,11 @@ PIPELINES = {
 }
 DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
 TEXT_ATTENTION = ("attn2", "audio_attn2")  # the text cross-attentions of each block (video, audio)
-_TEXT_MARK = "_nag_ltx2_text"  # set by _patch on the text cross-attention modules (static, not per call)
+_TEXT_MARK = "_nag_ltx2_text"  # set by _patch on the text cross-attention modules: "video" / "audio" (static)
 _CFG_SLOT = "ltx2_cfg_rows"  # call_state: (the pipeline call's config, prompt rows) of a NAG call with CFG
+_AUDIO_SLOT = "ltx2_audio_record"  # call_state: the audio stream's record in a forward with audio settings, else None
+# attention-kwargs keys that give the audio stream its own settings for one call (the video's apply otherwise)
+AUDIO_KEYS = {"audio_nag_scale": "scale", "audio_nag_tau": "tau", "audio_nag_alpha": "alpha"}
 
 
 # --- the text rows through the stock forward --------------------------------------------------------------------
@@ -160,7 +165,8 @@ class NAGLTX2AttnProcessor(NAGProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
                  key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
         nag = call_state.record()
-        if nag is None or encoder_hidden_states is None or not getattr(attn, _TEXT_MARK, False):
+        stream = getattr(attn, _TEXT_MARK, None)
+        if nag is None or encoder_hidden_states is None or stream is None:
             extra = {}
             if isinstance(self.inner, LTX2PerturbedAttnProcessor):
                 extra = {"perturbation_mask": perturbation_mask, "all_perturbed": all_perturbed}
@@ -169,6 +175,8 @@ class NAGLTX2AttnProcessor(NAGProcessor):
         if query_rotary_emb is not None or perturbation_mask is not None:
             raise ValueError("NAG guides LTX-2's text cross-attention without RoPE or STG perturbation")
         rows, guided = hidden_states.shape[0], nag.guided_rows
+        if stream == "audio":
+            nag = call_state.peek(_AUDIO_SLOT) or nag  # the audio stream's own settings, when the call gives them
         text = _text_rows(encoder_hidden_states, rows, guided)
         total = text.shape[0]
         mask_pos = mask_neg = None
@@ -200,23 +208,48 @@ _PER_TEXT_ROW = ("encoder_hidden_states", "audio_encoder_hidden_states", "encode
                  "audio_encoder_attention_mask")
 
 
-def _cfg_rows(model, args, kwargs):
-    """A forward pre-hook after NAG's own: a NAG pipeline call with CFG gives its batched call the text rows
-    ``[uncond; cond; cond; NAG-negative]`` (module docstring); the guided forward takes ``[uncond; cond;
-    NAG-negative]``, guided on its last ``B`` latent rows."""
+def _audio_settings(extra: dict, nag):
+    """The audio stream's record for this forward: ``nag`` with the ``audio_nag_*`` values of the call (popped from
+    the attention kwargs), or ``None`` when the call gives none."""
+    given = {AUDIO_KEYS[key]: extra.pop(key) for key in list(extra) if key in AUDIO_KEYS}
+    if not given or nag is None:
+        return None
+    for field, value in given.items():
+        name = f"audio_nag_{field}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if (field == "scale" and not value >= 1) or (field == "tau" and not value > 0) or (
+                field == "alpha" and not 0 <= value <= 1):
+            bound = {"scale": ">= 1", "tau": "> 0", "alpha": "in [0, 1]"}[field]
+            raise ValueError(f"{name} must be {bound}, got {value}")
+    return dataclasses.replace(nag, **{f: torch.tensor(float(v), dtype=torch.float64) for f, v in given.items()})
+
+
+def _layout(model, args, kwargs):
+    """A forward pre-hook after NAG's own: the audio stream's settings of the call (``audio_nag_*`` attention
+    kwargs, per thread for the processors), and the rows of a NAG pipeline call with CFG, whose batched call carries
+    the text rows ``[uncond; cond; cond; NAG-negative]`` (module docstring): the guided forward takes ``[uncond;
+    cond; NAG-negative]``, guided on its last ``B`` latent rows."""
     nag = call_state.record()
-    marked = call_state.peek(_CFG_SLOT)
-    if nag is None or marked is None or marked[0] is not call_state.call_config():
-        return None
-    prompts = marked[1]
     kw = as_kwargs(model._nag_state.names, args, kwargs)
-    if rows(kw.get("hidden_states")) != 2 * prompts or rows(kw.get("encoder_hidden_states")) != 4 * prompts:
-        return None
-    for name in _PER_TEXT_ROW:
-        x = kw.get(name)
-        if isinstance(x, torch.Tensor) and x.shape[0] == 4 * prompts:
-            kw[name] = torch.cat([x[: 2 * prompts], x[3 * prompts:]])
-    call_state.set_record(dataclasses.replace(nag, guided=prompts))
+    extra = kw.get("attention_kwargs")
+    audio = None
+    if isinstance(extra, dict) and any(key in extra for key in AUDIO_KEYS):
+        extra = kw["attention_kwargs"] = dict(extra)
+        audio = _audio_settings(extra, nag)
+    call_state.put(_AUDIO_SLOT, audio)
+    marked = call_state.peek(_CFG_SLOT)
+    if nag is not None and marked is not None and marked[0] is call_state.call_config():
+        prompts = marked[1]
+        if rows(kw.get("hidden_states")) == 2 * prompts and rows(kw.get("encoder_hidden_states")) == 4 * prompts:
+            for name in _PER_TEXT_ROW:
+                x = kw.get(name)
+                if isinstance(x, torch.Tensor) and x.shape[0] == 4 * prompts:
+                    kw[name] = torch.cat([x[: 2 * prompts], x[3 * prompts:]])
+            nag = dataclasses.replace(nag, guided=prompts)
+            call_state.set_record(nag)
+            if audio is not None:
+                call_state.put(_AUDIO_SLOT, dataclasses.replace(audio, guided=prompts))
     return (), kw
 
 
@@ -224,9 +257,9 @@ def _patch(model):
     marked = []
     for name, module in model.named_modules():
         if isinstance(module, LTX2Attention) and name.rsplit(".", 1)[-1] in TEXT_ATTENTION:
-            module.__dict__[_TEXT_MARK] = True
+            module.__dict__[_TEXT_MARK] = "audio" if name.endswith("audio_attn2") else "video"
             marked.append(module)
-    handle = model.register_forward_pre_hook(_cfg_rows, with_kwargs=True)
+    handle = model.register_forward_pre_hook(_layout, with_kwargs=True)
     return marked, handle
 
 
