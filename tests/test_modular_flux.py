@@ -169,3 +169,26 @@ def test_components_manager():
     assert state_of(other.transformer) is not None  # and by the classic pipeline
     remove_nag(classic)
     assert state_of(other.transformer) is None
+
+
+def test_kontext_matches_classic_and_recommends_its_nag_end():
+    import numpy as np
+    import PIL.Image
+    from diffusers import FluxKontextPipeline
+    from diffusers.modular_pipelines import FluxKontextAutoBlocks
+
+    classic = flux_toy.pipeline(FluxKontextPipeline)
+    modular = modular_toy.modular(FluxKontextAutoBlocks, classic)
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    kw = dict(image=image, _auto_resize=False, max_area=flux_toy.SIZE**2)  # the 32 x 32 image as it is
+    stock = modular_latents(modular, "a red cat", **kw)
+    apply_nag(classic)
+    apply_nag(modular)
+    assert modular.__dict__["_nag_config"].end == 0.25  # FLUX.1 Kontext's recommended nag_end, as the classic one's
+    for nag in (dict(nag_negative_prompt="blurry"), dict(nag_negative_prompt="blurry", nag_end=1.0)):
+        got = modular_latents(modular, "a red cat", **kw, **nag)
+        packed = classic(prompt="a red cat", generator=generator(), output_type="latent", **COMMON, **kw, **nag).images
+        assert torch.equal(got, classic._unpack_latents(packed, 32, 32, classic.vae_scale_factor))
+        assert not torch.equal(got, stock)
+    remove_nag(modular)
+    assert torch.equal(modular_latents(modular, "a red cat", **kw), stock)

@@ -34,7 +34,7 @@ def pipelines(cls=QwenImagePipeline):
 def classic_latents(pipe, prompt, cfg, negative_prompt=None, **kw):
     if cfg > 1:
         kw = {**kw, "negative_prompt": negative_prompt, "true_cfg_scale": cfg}
-    packed = pipe(prompt, generator=generator(), output_type="latent", **COMMON, **kw).images
+    packed = pipe(prompt=prompt, generator=generator(), output_type="latent", **COMMON, **kw).images
     return pipe._unpack_latents(packed, 32, 32, pipe.vae_scale_factor)
 
 
@@ -171,3 +171,31 @@ def test_bad_input_gets_the_classic_errors():
     both(ValueError, "width", nag_negative_prompt_embeds=embeds[..., :8],
          nag_negative_prompt_embeds_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
     both(ValueError, "nag_end", nag_negative_prompt="x", nag_end=1.5)
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("plus", [False, True], ids=["edit", "edit-plus"])
+def test_edit_blocks_match_classic(plus, cfg, monkeypatch):
+    """QwenImageEditAutoBlocks / QwenImageEditPlusAutoBlocks against QwenImageEditPipeline / QwenImageEditPlusPipeline
+    (test_qwenimage_edit's tiny vision-language encoder): the NAG negative is encoded with the reference image by the
+    edit blocks' own VL text encoder, as the classic pipelines encode it. The 32 x 32 image kept as it is in both."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+    from diffusers.modular_pipelines import QwenImageEditAutoBlocks, QwenImageEditPlusAutoBlocks
+    from diffusers.modular_pipelines.qwenimage import encoders
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+    import test_qwenimage_edit
+
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: (32, 32, None))
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "calculate_dimensions", lambda area, ratio: (32, 32))
+    monkeypatch.setattr(encoders, "calculate_dimensions", lambda area, ratio: (32, 32, None))
+    cls, blocks = (QwenImageEditPlusPipeline, QwenImageEditPlusAutoBlocks) if plus else (QwenImageEditPipeline,
+                                                                                          QwenImageEditAutoBlocks)
+    classic = test_qwenimage_edit.pipeline(cls)
+    modular = modular_toy.modular(blocks, classic)
+    apply_nag(classic)
+    apply_nag(modular)
+    kw = dict(image=_image(1), nag_negative_prompt="blurry, watermark")
+    got = modular_latents(modular, "a red cat", cfg, negative_prompt="trees", **kw)
+    assert torch.equal(got, classic_latents(classic, "a red cat", cfg, "trees", **kw))
+    assert not torch.equal(got, modular_latents(modular, "a red cat", negative_prompt="trees", image=_image(1)))
