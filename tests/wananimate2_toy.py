@@ -80,8 +80,9 @@ def text(batch: int, seed: int, dtype=torch.float64, lengths=None) -> list[torch
     return [_randn((n, TEXT_DIM), g, dtype) for n in lengths]
 
 
-def reference_pass(model, batch: int = 1, seed: int = 10, dtype=torch.float64) -> WanAnimate2KVCache:
-    """A plain ``kv_cache_mode="extract"`` forward over ``batch`` random driving segments: the filled KV cache."""
+def reference_pass(model, batch: int = 1, seed: int = 10, dtype=torch.float64, texts=None) -> WanAnimate2KVCache:
+    """A ``kv_cache_mode="extract"`` forward over ``batch`` random driving segments (``texts``: its text rows, default
+    ``batch`` random ones): the filled KV cache."""
     g = torch.Generator().manual_seed(seed)
     cache = WanAnimate2KVCache(model.config.num_layers)
     c, f, h, w = LATENT
@@ -89,7 +90,7 @@ def reference_pass(model, batch: int = 1, seed: int = 10, dtype=torch.float64) -
         model(
             [_randn((c, f, h, w), g, dtype) for _ in range(batch)],
             timestep=torch.tensor([999.0], dtype=dtype),
-            encoder_hidden_states=text(batch, seed + 1, dtype),
+            encoder_hidden_states=texts if texts is not None else text(batch, seed + 1, dtype),
             condition_latents=[_randn((20, f, h, w), g, dtype) for _ in range(batch)],
             encoder_hidden_states_image=_randn((batch, CLIP_TOKENS, CLIP_DIM), g, dtype)
             if model.config.use_img_emb else None,
