@@ -121,6 +121,25 @@ def test_kv_cache_holds_both_branches_and_plain_steps_read_the_positive_half(lay
     assert torch.equal(run(model, toy.positive(later), kv_cache=cache, kv_cache_mode="cached"), expected)
 
 
+@pytest.mark.parametrize("order", ["offload-then-nag", "nag-then-offload"])
+def test_group_offloading_in_either_order(order):
+    model = toy.transformer().double()
+    kw = toy.inputs()
+    expected, plain = reference(model, kw), run(model, toy.positive(kw))
+    cpu = torch.device("cpu")
+    steps = [lambda: model.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level",
+                                                num_blocks_per_group=1),
+             lambda: apply_nag(model, backend="torch")]
+    for step in steps if order == "offload-then-nag" else steps[::-1]:
+        step()
+    close(run(model, kw), expected)
+    cache = QwenImage21KVCache(len(model.transformer_blocks))
+    run(model, kw, kv_cache=cache, kv_cache_mode="extract")
+    close(run(model, kw, kv_cache=cache, kv_cache_mode="cached"), expected[:, -N:])
+    remove_nag(model)
+    assert torch.equal(run(model, toy.positive(kw)), plain)
+
+
 def test_bad_input_gets_clear_errors():
     model = apply_nag(toy.transformer().double(), backend="torch")
     kw = toy.inputs()
