@@ -266,7 +266,10 @@ def nag(pipe_or_transformer, **settings):
         try:
             yield obj
         finally:
-            _modular.remove(obj) if before is None else _modular.restore_config(obj, before)
+            if before is None:
+                _modular.remove(obj)
+            else:
+                _modular.restore_config(obj, before)
         return
     before = _own_config(obj)
     apply_nag(obj, **settings)
