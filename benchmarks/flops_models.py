@@ -50,6 +50,7 @@ from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
 
 # Families still being added keep their builders in benchmarks/ until they move to meta_models/.
 from . import model_kandinsky6
+from . import model_krea2
 from . import model_hunyuanvideo15
 from . import model_qwenimage21
 
@@ -393,6 +394,11 @@ MODELS: dict[str, FlopsModel] = {
         ltx2("ltx2-19b-1920x1088x121", "ltx-2-19b", "1920x1088x121", 1.025),
         ltx2("ltx2.3-22b-768x512x121", "ltx-2.3-22b", "768x512x121", 1.05),
         ltx2("ltx2.3-22b-1920x1088x121", "ltx-2.3-22b", "1920x1088x121", 1.025),
+        # Krea 2 (Krea2Transformer2DModel's defaults in diffusers 0.42.1) at 1024^2, 512 text tokens; CFG: two calls.
+        FlopsModel(key="krea2-1024", config="Krea 2", resolution=1024, image_tokens=model_krea2.image_tokens(1024),
+                   text_tokens=model_krea2.TEXT_TOKENS, build=functools.cache(model_krea2.build),
+                   step_inputs=functools.partial(model_krea2.flops_inputs, 1024, model_krea2.TEXT_TOKENS),
+                   variants=ONE_MODE, targets={"nag": AT_MOST_1_15}),
         # The Flux-shaped toy (meta_models.flux.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),

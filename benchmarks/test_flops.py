@@ -41,6 +41,10 @@ def test_registry_selection():
         selected("flux1-1024,nope", quick=False)
 
 
+# Position tensors the models take once for the whole batch (FLUX.1's ids, Krea 2's [T + N, 3] position_ids).
+UNBATCHED = ("img_ids", "txt_ids", "position_ids")
+
+
 def test_every_entry_builds_its_inputs():
     """Each entry: its variants are ones the suite counts, its targets name its variants, its full-size model builds
     on meta and its inputs too, at batch 1 and 2 (every batched row doubled, the position ids not)."""
@@ -57,7 +61,7 @@ def test_every_entry_builds_its_inputs():
             assert one[variant] and len(one[variant]) == len(two[variant]), (entry.key, variant)
             for kw1, kw2 in zip(one[variant], two[variant]):
                 for key, v in kw1.items():
-                    if isinstance(v, torch.Tensor) and v.dim() and key not in ("img_ids", "txt_ids"):
+                    if isinstance(v, torch.Tensor) and v.dim() and key not in UNBATCHED:
                         assert v.device.type == "meta", (entry.key, key)
                         assert kw2[key].shape[0] == 2 * v.shape[0], (entry.key, variant, key)
                     elif isinstance(v, list):
