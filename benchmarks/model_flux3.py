@@ -84,7 +84,8 @@ def repeat(name: str, model: torch.nn.Module, references: int = 0) -> dict[str, 
     """``meta_models.count.count``'s ``repeat`` for ``model`` standing for ``name``: each stack's first block counted
     once more per block it lacks (nothing for a full-depth model)."""
     prefix, config = type(model).__name__, CONFIGS[name]
-    mode, single = config["num_layers"] - model.config.num_layers, config["num_single_layers"] - model.config.num_single_layers
+    mode = config["num_layers"] - model.config.num_layers
+    single = config["num_single_layers"] - model.config.num_single_layers
     out = {f"{prefix}.txt_mode_blocks.0": mode, f"{prefix}.mode_blocks.image.0": mode,
            f"{prefix}.single_transformer_blocks.0": single}
     if references:
@@ -97,8 +98,9 @@ def count(name: str, variant: str, resolution: int = 1024, model: torch.nn.Modul
     """TFLOP of one step of ``name`` at ``resolution``^2 for ``variant`` (``meta_models.count.count``): on a shallow
     model of ``name``, its blocks counted to the full depth, or on ``model`` as it is when one is passed (a tiny or a
     full-depth one)."""
-    from meta_models.count import count as count_flops
     from nag_kernels.integrations import apply_nag, remove_nag
+
+    from meta_models.count import count as count_flops
 
     copies = model is None
     model = build(name, shallow=True) if model is None else model

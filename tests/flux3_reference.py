@@ -17,7 +17,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from flux_reference import authors_combine
 
 
@@ -76,7 +75,7 @@ def mode_block(block, x, mod, rope, eps):
 
 def _sinusoid(t, channels):
     half = channels // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)  # a float32 table, as diffusers
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)  # float32, as diffusers
     args = t.double()[:, None] * freqs.double()[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # flip_sin_to_cos
 

@@ -5,16 +5,15 @@ device."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-from torch._dynamo.testing import CompileCounter
-
 import flux3_reference
 import flux3_toy
+import pytest
+import torch
 from flux3_toy import float64_throughout  # noqa: F401  (fixture)
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 from test_flux3_transformer import inputs, positive, reference, run
+from torch._dynamo.testing import CompileCounter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -121,7 +120,7 @@ def test_guided_forward_backpropagates_the_right_gradient():
         numeric = torch.stack([(4 * central(dx, dw, STEP / 2) - central(dx, dw, STEP)) / 3 for dx, dw in directions])
     analytic = torch.stack([(grad_x * dx).sum() + (grad_weight * dw).sum() for dx, dw in directions])
     error = ((analytic - numeric).abs() / numeric.abs()).max().item()
-    assert error < 1e-6, f"relative error {error:.2e}: analytic {analytic.tolist()}, finite differences {numeric.tolist()}"
+    assert error < 1e-6, f"relative error {error:.2e}: analytic {analytic.tolist()}, differences {numeric.tolist()}"
 
 
 @pytest.mark.usefixtures("float64_throughout")

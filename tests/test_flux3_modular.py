@@ -14,6 +14,9 @@ hand-inserted NAG text-encoder step equal to apply_nag's blocks, the components 
 
 from __future__ import annotations
 
+import flux3_reference
+import flux3_toy
+import modular_toy
 import pytest
 import torch
 from diffusers.modular_pipelines import (
@@ -23,10 +26,6 @@ from diffusers.modular_pipelines import (
     ModularPipelineBlocks,
 )
 from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
-
-import flux3_reference
-import flux3_toy
-import modular_toy
 from flux3_toy import float64_throughout  # noqa: F401  (fixture)
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from modular_toy import generator

@@ -5,12 +5,11 @@ processors)."""
 
 from __future__ import annotations
 
+import flux3_reference
+import flux3_toy
 import pytest
 import torch
 from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
-
-import flux3_reference
-import flux3_toy
 from flux3_toy import float64_throughout  # noqa: F401  (fixture)
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
