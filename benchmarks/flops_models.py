@@ -49,9 +49,9 @@ from meta_models.count import Counted, count
 from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
 
 # Families still being added keep their builders in benchmarks/ until they move to meta_models/.
-from . import model_kandinsky6
-from . import model_krea2
-from . import model_hunyuanvideo15
+from meta_models import kandinsky6 as model_kandinsky6
+from meta_models import krea2 as model_krea2
+from meta_models import hunyuanvideo15 as model_hunyuanvideo15
 from . import model_qwenimage21
 
 META = torch.device("meta")

@@ -12,6 +12,7 @@ from benchmarks import flops
 from benchmarks import harness as h
 from benchmarks.__main__ import main
 from benchmarks.flops_models import MODELS, Target, selected
+from meta_models import kandinsky6 as model_kandinsky6
 
 HAVE_INTEGRATION = h.integration_available()
 
@@ -103,3 +104,30 @@ def test_targets_pass_fail_and_a_bound_from_another_row():
     alone = [_row("b", "no_nag", 10), _row("b", "nag", 11.4, like)]  # a's row not in the run: the fallback bound
     flops.add_ratios(alone)
     assert alone[1]["target"]["max_ratio"] == 9.9 and alone[1]["target_met"] is True
+
+
+KANDINSKY6_TINY = dict(  # tests/test_kandinsky6_meta.py's tiny config
+    in_visual_dim=4, out_visual_dim=8, in_text_dim=24, in_text_dim2=8, time_dim=16, model_dim=24, ff_dim=40,
+            num_text_blocks=2, num_visual_blocks=3, axes_dims=(4, 4, 4), in_audio_dim=4, out_audio_dim=8,
+            model_dim_a=36, time_dim_a=12, ff_dim_a=20, axes_dims_a=(4, 4, 4))
+
+
+def test_kandinsky6_entry_builds_its_inputs():
+    entry = MODELS["kandinsky6-pro-864x480x121"]
+    assert entry.image_tokens == 31 * 30 * 54 and entry.text_tokens == 1024 and set(entry.targets) == {"nag"}
+    model = model_kandinsky6.build("kandinsky6-pro-distill", **KANDINSKY6_TINY)
+    steps = entry.step_inputs(model, 2)
+    assert [len(steps[v]) for v in ("no_nag", "cfg", "nag")] == [1, 2, 1]
+    nag = steps["nag"][0]
+    assert nag["hidden_states"].shape[0] == 2 and nag["encoder_hidden_states"].shape[0] == 4
+    assert nag["encoder_attention_mask"].shape == (4, 1024) and nag["audio_hidden_states"].shape == (2, 218, 4)
+
+
+def test_hunyuanvideo15_entry_builds_its_inputs():
+    entry = MODELS["hunyuanvideo15-720p"]
+    assert entry.image_tokens == 31 * 45 * 80 and entry.text_tokens == 1985 and set(entry.targets) == {"nag"}
+    model = entry.build()
+    one, two = entry.step_inputs(model, 1), entry.step_inputs(model, 2)
+    assert len(one["cfg"]) == 2 and one["nag"][0]["encoder_hidden_states"].shape[0] == 2
+    assert two["nag"][0]["hidden_states"].shape[0] == 2 and two["nag"][0]["encoder_attention_mask_2"].shape == (4, 256)
+    assert one["no_nag"][0]["hidden_states"].shape == (1, 65, 31, 45, 80)

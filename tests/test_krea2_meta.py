@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import model_krea2
+from meta_models import krea2 as model_krea2
 
 
 def expected_extra(config, image_len: int, text_len: int) -> float:

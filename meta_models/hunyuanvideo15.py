@@ -29,7 +29,8 @@ from __future__ import annotations
 import types
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from .count import count as count_flops
 
 # tencent/HunyuanVideo-1.5 (transformer/480p_t2v ... 720p_i2v; diffusers: hunyuanvideo-community/HunyuanVideo-1.5-*):
 # diffusers 0.42.1's HunyuanVideo15Transformer3DModel defaults are that config.
@@ -137,11 +138,11 @@ def count(variant: str, resolution="720p", model=None, **tokens) -> float:
         if call == "nag":
             apply_nag(model)  # backend "auto": the fake implementation runs on meta
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                out = model(**kw)[0]
+            counted = count_flops(lambda: model(**kw)[0])
         finally:
             if call == "nag":
                 remove_nag(model)
+        out = counted.value
         assert out.shape[0] == kw["hidden_states"].shape[0] and out.device.type == "meta"
-        total += counter.get_total_flops()
+        total += counted.flops
     return total / 1e12

@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from .count import count as count_flops
+
 PRO = dict(
     in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=1024, patch_size=(1, 2, 2),
     model_dim=4096, ff_dim=16384, num_text_blocks=4, num_visual_blocks=60, axes_dims=(32, 48, 48), visual_cond=True,
@@ -112,15 +114,12 @@ def flops_inputs(resolution: str, model, batch: int = 1) -> dict[str, list[dict]
 def count(name: str, variant: str, resolution="864x480x121", model: torch.nn.Module | None = None,
           text_tokens: int = TEXT_TOKENS, audio: bool = True) -> float:
     """TFLOP of one step of ``variant`` (``nag`` with ``apply_nag``, the others unpatched)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from nag_kernels.integrations import apply_nag, remove_nag
 
     model = build(name) if model is None else model
     (apply_nag if variant == "nag" else remove_nag)(model)
     kw = step_inputs(model, variant, resolution, text_tokens=text_tokens, audio=audio)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for _ in range(CALLS[variant]):
-            out = model(**kw)
+    counted = count_flops(lambda: [model(**kw) for _ in range(CALLS[variant])][-1])
+    out = counted.value
     assert out[0].shape[:4] == kw["hidden_states"].shape[:4] and out[0].device.type == "meta"
-    return counter.get_total_flops() / 1e12
+    return counted.flops / 1e12

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .count import count as count_flops
+
 CONFIGS = {
     "krea2": dict(
         in_channels=64, num_layers=28, attention_head_dim=128, num_attention_heads=48, num_key_value_heads=12,
@@ -73,17 +75,12 @@ def count(name: str, variant: str, resolution: int = 1024, model: torch.nn.Modul
           text_tokens: int = TEXT_TOKENS) -> float:
     """TFLOP of one step of ``name`` at ``resolution``^2 for ``variant`` (a matching ``model`` may be passed in; the
     main blocks missing from a shallow one are counted as copies of its first)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from nag_kernels.integrations import apply_nag, remove_nag
 
     model = build(name, shallow=True) if model is None else model
     (apply_nag if variant == "nag" else remove_nag)(model)
     kw = step_inputs(model, variant, resolution, text_tokens)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**kw)[0]
-    assert out.shape == kw["hidden_states"].shape and out.device.type == "meta"
-    counts = {module: sum(ops.values()) for module, ops in counter.get_flop_counts().items()}
     missing = CONFIGS[name]["num_layers"] - model.config.num_layers
-    total = counts["Global"] + missing * counts.get("Krea2Transformer2DModel.transformer_blocks.0", 0)
-    return total / 1e12
+    counted = count_flops(lambda: model(**kw)[0], repeat={"Krea2Transformer2DModel.transformer_blocks.0": missing})
+    assert counted.value.shape == kw["hidden_states"].shape and counted.value.device.type == "meta"
+    return counted.flops / 1e12
