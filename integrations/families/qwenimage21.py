@@ -52,6 +52,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 from .. import call_state, forward_patch
 from ..family import Family, ForwardPatch
 from ..guided import NAGForward, as_kwargs
+from ..parallel import tp_group_of
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -248,12 +249,12 @@ def _check(model, kw: dict, batch: int) -> None:
                 "transformer.set_attn_processor(QwenImage21AttnProcessor()) and call apply_nag again, or call without "
                 "NAG arguments"
             )
-        if getattr(processor, "_parallel_config", None) is not None:
+        if getattr(processor, "_parallel_config", None) is not None or tp_group_of(module) is not None:
             raise NotImplementedError(
-                "NAG cannot guide this call under diffusers' parallelism (a parallel config is set): diffusers has no "
-                "context-parallel plan (_cp_plan) for QwenImage21Transformer2DModel, and NAG's Qwen-Image 2.1 "
-                "integration runs on one process only. Call without NAG arguments, or run NAG without "
-                "enable_parallelism / parallel_config"
+                "NAG cannot guide this call under diffusers' parallelism (a parallel config is set, or the attention "
+                "is tensor-parallel): diffusers has no context-parallel plan (_cp_plan) for "
+                "QwenImage21Transformer2DModel, and NAG's Qwen-Image 2.1 integration runs on one process only. "
+                "Call without NAG arguments, or run NAG without enable_parallelism / parallel_config"
             )
     if model.gradient_checkpointing and torch.is_grad_enabled():
         raise NotImplementedError(
@@ -272,7 +273,7 @@ def _check(model, kw: dict, batch: int) -> None:
             f"img_mask must cover the joint sequence of the prompt's layout: {text.shape[1]} text positions (the "
             f"encoder_hidden_states length, shared by the positive and the NAG-negative rows) + {target // 4} target "
             f"slots = {slots} columns, got {img_mask.shape[1]}; encode the NAG negative with the prompt's layout "
-            "(padded to a common length, condition images at the same positions)"
+            "(the prompt's length, condition images at the same positions)"
         )
     if latents.shape[1] != cond + target:
         raise ValueError(f"hidden_states must hold {cond + target} tokens for img_shapes {layout} (condition images "
