@@ -1,0 +1,108 @@
+"""NAG on LTX-2's modular blocks (``LTX2AutoBlocks`` with the ``LTX2Guidance`` video and audio guiders): the entry
+``integrations/modular.py`` needs for LTX-2, checked here until the core has it.
+
+LTX-2's modular conditioning is three tensors per text row (``connector_prompt_embeds``,
+``connector_audio_prompt_embeds``, ``connector_attention_mask``, the connectors' outputs), while the core joins the NAG
+rows to the state names of the classic adapter's ``per_branch`` indices only (two: the Gemma embeddings and their
+mask). ``LTX2_SPEC`` is the entry, and ``_spec`` gives ``NAGCall`` the three names (the core field it lacks:
+``ModularSpec.per_branch``, see docs/families/ltx2.md); when the core has an "LTX-2" entry, it is used as it is.
+
+Expected outputs: the stock modular pipeline on the same components whose transformer is ``ltx2_reference``'s model
+in the 2B layout, with the NAG negative's connector outputs appended to every call whose text ends with the
+positive's (as in ``test_ltx2_pipeline``): the conditional, STG and modality-isolation passes guided, the
+unconditional pass plain. float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import LTX2Pipeline
+from diffusers.guiders import LTX2Guidance
+from diffusers.modular_pipelines import LTX2AutoBlocks
+
+import ltx2_toy
+import modular_toy
+from flux_toy import single_thread  # noqa: F401  (fixture)
+from nag_kernels.integrations import apply_nag, modular, remove_nag
+from test_ltx2_pipeline import connector_outputs, reference
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NAMES = ("connector_prompt_embeds", "connector_audio_prompt_embeds", "connector_attention_mask")
+KW = dict(height=ltx2_toy.SIZE, width=ltx2_toy.SIZE, num_frames=ltx2_toy.FRAMES, frame_rate=ltx2_toy.FPS,
+          num_inference_steps=2, max_sequence_length=ltx2_toy.SEQ_LEN)
+
+
+def _join(positive, negative):
+    """The NAG negative's rows after the positive's, for each of the three tensors (``negative``: a tensor or the
+    core's per-image list)."""
+    def rows(name):
+        x = negative[name]
+        if isinstance(x, (list, tuple)):
+            x = torch.cat([e if e.dim() == positive[name].dim() else e[None] for e in x])
+        return x.to(device=positive[name].device, dtype=positive[name].dtype)
+
+    return {name: torch.cat([positive[name], rows(name)]) for name in positive}
+
+
+LTX2_SPEC = modular.ModularSpec(
+    model_names=("ltx2", "ltx2.5"),
+    outputs={0: "connector_prompt_embeds", 1: "connector_attention_mask", 2: "connector_audio_prompt_embeds"},
+    guider_inputs={"connector_prompt_embeds": "encoder_hidden_states",
+                   "connector_audio_prompt_embeds": "audio_encoder_hidden_states",
+                   "connector_attention_mask": "encoder_attention_mask"},
+    join=_join,
+    pipelines={"LTX2AutoBlocks": "LTX2Pipeline", "LTX2Blocks": "LTX2Pipeline", "LTX25AutoBlocks": "LTX2Pipeline"},
+)
+
+
+@pytest.fixture(autouse=True)
+def _spec(monkeypatch):
+    if "LTX-2" in modular.SPECS:
+        return
+    monkeypatch.setitem(modular.SPECS, "LTX-2", LTX2_SPEC)
+    stock = modular.NAGCall.per_branch
+    monkeypatch.setattr(modular.NAGCall, "per_branch",
+                        property(lambda call: NAMES if call.family.name == "LTX-2" else stock.fget(call)))
+
+
+def guiders(cfg: bool):
+    with modular_toy.quiet():
+        if not cfg:  # distilled: no CFG, STG or modality guidance
+            return LTX2Guidance(), LTX2Guidance()
+        return (LTX2Guidance(guidance_scale=3.0, stg_scale=1.0, modality_scale=2.0, guidance_rescale=0.5,
+                             spatio_temporal_guidance_blocks=[1]),
+                LTX2Guidance(guidance_scale=2.0, stg_scale=0.5, modality_scale=1.5, guidance_rescale=0.5))
+
+
+def modular_pipe(classic, cfg):
+    pipe = modular_toy.modular(LTX2AutoBlocks, classic)
+    video, audio = guiders(cfg)
+    with modular_toy.quiet():
+        pipe.update_components(guider=video, audio_guider=audio)
+    return pipe
+
+
+def run(pipe, **extra):
+    with torch.no_grad(), modular_toy.quiet():
+        out = pipe(prompt="a red cat", negative_prompt="ugly", generator=modular_toy.generator(),
+                   output=["latents", "audio_latents"], **KW, **extra)
+    return out["latents"], out["audio_latents"]
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg-stg-modality", "distilled"])
+def test_ltx2_auto_blocks_match_the_reference(cfg):
+    classic = ltx2_toy.pipeline(LTX2Pipeline, "2.3")
+    pipe = modular_pipe(classic, cfg)
+    plain = run(pipe)
+    positive, negative = connector_outputs(classic, ["a red cat"]), connector_outputs(classic, ["dog"])
+    expected = run(modular_pipe(reference(classic, positive, negative), cfg))
+    apply_nag(pipe, backend="torch")
+    out = run(pipe, nag_negative_prompt="dog")
+    for o, e, p in zip(out, expected, plain):
+        torch.testing.assert_close(o, e, rtol=0, atol=1e-10)
+        assert (o - p).abs().max() > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(run(pipe), plain))  # no NAG arguments: the stock blocks
+    remove_nag(pipe)
+    assert all(torch.equal(a, b) for a, b in zip(run(pipe), plain))
