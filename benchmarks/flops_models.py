@@ -52,7 +52,7 @@ from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
 from meta_models import kandinsky6 as model_kandinsky6
 from meta_models import krea2 as model_krea2
 from meta_models import hunyuanvideo15 as model_hunyuanvideo15
-from . import model_qwenimage21
+from meta_models import qwenimage21 as model_qwenimage21
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwenimage21_toy  # noqa: F401  first: it skips this module on a diffusers without Qwen-Image 2.1
-from benchmarks import model_qwenimage21 as bench
+from meta_models import qwenimage21 as bench
 
 TINY = dict(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             context_in_dim=32, axes_dims_rope=(4, 6, 6))

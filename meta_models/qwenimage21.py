@@ -120,7 +120,7 @@ def count(name: str, variant: str, resolution: int = 1024, model: torch.nn.Modul
     a full-depth one). ``cached``: a KV-cached decoding step (the cache filled by an uncounted extracting forward)."""
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
-    from meta_models.count import count as count_flops
+    from .count import count as count_flops
     from nag_kernels.integrations import apply_nag, remove_nag
 
     copies = model is None
