@@ -386,7 +386,8 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
     @property
     def inputs(self) -> list[InputParam]:
         params = [InputParam(name, description="NAG negative prompt (nag-kernels)") for name in self._prompt_names()]
-        params += [InputParam(name, description="pre-encoded NAG negative (nag-kernels)") for name in self._embed_names()]
+        params += [InputParam(name, description="pre-encoded NAG negative (nag-kernels)")
+                   for name in self._embed_names()]
         params += [InputParam(name, description="NAG setting for this call (nag-kernels)") for name in SETTINGS]
         return params
 
@@ -442,7 +443,7 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
         )
         for param in self.text_encoder.inputs:  # no positive or CFG-negative text or embeddings of the call's own
             name = param.name or ""
-            if name.startswith("negative_") or name in spec.outputs.values() or name.startswith("prompt"):
+            if name.startswith(("negative_", "prompt")) or name in spec.outputs.values():
                 sub.values[name] = None
         for outputs in spec.outputs.values():
             sub.values[outputs] = None

@@ -132,11 +132,11 @@ def test_bad_input_gets_the_classic_errors():
          nag_negative_pooled_prompt_embeds=pooled)
     both(ValueError, "batch", prompt=["a", "b", "c"], nag_negative_prompt_embeds=embeds.repeat(2, 1, 1),
          nag_negative_pooled_prompt_embeds=pooled.repeat(2, 1))
-    both(ValueError, "per-row shape", nag_negative_prompt_embeds=embeds[:, :3], nag_negative_pooled_prompt_embeds=pooled)
+    both(ValueError, "per-row shape", nag_negative_prompt_embeds=embeds[:, :3],
+         nag_negative_pooled_prompt_embeds=pooled)
 
 
 def test_apply_refusals():
-    classic, _ = pipelines()
     bare = FluxAutoBlocks().init_pipeline()  # no components loaded
     with pytest.raises(ValueError, match="no transformer loaded"):
         apply_nag(bare)
@@ -185,9 +185,10 @@ def test_kontext_matches_classic_and_recommends_its_nag_end():
     apply_nag(classic)
     apply_nag(modular)
     assert modular.__dict__["_nag_config"].end == 0.25  # FLUX.1 Kontext's recommended nag_end, as the classic one's
-    for nag in (dict(nag_negative_prompt="blurry"), dict(nag_negative_prompt="blurry", nag_end=1.0)):
-        got = modular_latents(modular, "a red cat", **kw, **nag)
-        packed = classic(prompt="a red cat", generator=generator(), output_type="latent", **COMMON, **kw, **nag).images
+    for settings in (dict(nag_negative_prompt="blurry"), dict(nag_negative_prompt="blurry", nag_end=1.0)):
+        got = modular_latents(modular, "a red cat", **kw, **settings)
+        packed = classic(prompt="a red cat", generator=generator(), output_type="latent", **COMMON, **kw,
+                         **settings).images
         assert torch.equal(got, classic._unpack_latents(packed, 32, 32, classic.vae_scale_factor))
         assert not torch.equal(got, stock)
     remove_nag(modular)

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 from diffusers.modular_pipelines import Flux2AutoBlocks, Flux2KleinAutoBlocks, Flux2KleinBaseAutoBlocks
 
 import flux2_toy

@@ -78,7 +78,8 @@ def test_composed_by_hand_matches_apply_nag_and_classic(cfg, nag_end):
     assert torch.equal(got, run(applied, **kw))
     assert torch.equal(got, classic_latents(classic, "a red cat", cfg, nag_negative_prompt=kw["nag_negative_prompt"]))
     # the empty negative when none is given, as the authors'
-    assert torch.equal(run(hand, negative_prompt="trees"), run(applied, negative_prompt="trees", nag_negative_prompt=""))
+    assert torch.equal(run(hand, negative_prompt="trees"),
+                       run(applied, negative_prompt="trees", nag_negative_prompt=""))
     remove_nag(applied)
     remove_nag(classic)
 

@@ -1,8 +1,8 @@
-"""apply_nag on SD3's modular blocks (StableDiffusion3AutoBlocks, CFG guider): the modular pipeline and the classic StableDiffusion3Pipeline built
-from the same components give bit-identical latents with CFG off and, with CFG on, agree within the stock pipelines'
-own difference (the classic pipeline batches CFG's two passes into one call, the modular guider runs them apart:
-float64 rounding, ~1e-16 without NAG); NAG on the conditional pass only, nag_end, batches, the second and third
-NAG negative prompts, stock reproduced, remove_nag exact, the classic errors.
+"""apply_nag on SD3's modular blocks (StableDiffusion3AutoBlocks, CFG guider): the modular pipeline and the classic
+StableDiffusion3Pipeline built from the same components give bit-identical latents with CFG off and, with CFG on,
+agree within the stock pipelines' own difference (the classic pipeline batches CFG's two passes into one call, the
+modular guider runs them apart: float64 rounding, ~1e-16 without NAG); NAG on the conditional pass only, nag_end,
+batches, the second and third NAG negative prompts, stock reproduced, remove_nag exact, the classic errors.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def modular_latents(pipe, prompt, cfg=None, **kw):
 CASES = {
     "one prompt": ("a red cat", dict(nag_negative_prompt="blurry, watermark")),
     "nag_end": ("a red cat", dict(nag_negative_prompt="blurry", nag_end=0.5)),
-    "second negative": ("a red cat", dict(nag_negative_prompt="blurry", nag_negative_prompt_2="ugly", nag_negative_prompt_3="dark")),
+    "second negative": ("a red cat", dict(nag_negative_prompt="blurry", nag_negative_prompt_2="ugly",
+                                          nag_negative_prompt_3="dark")),
     "prompts": (["a red cat", "a dog"], dict(nag_negative_prompt=["blurry", "ugly"])),
     "images per prompt": ("a red cat", dict(nag_negative_prompt="blurry", num_images_per_prompt=2)),
 }
@@ -107,4 +108,5 @@ def test_bad_input_gets_the_classic_errors():
     both(TypeError, "nag_negative_prompt", nag_negative_prompt=3)
     both(ValueError, "nag_scale", nag_negative_prompt="x", nag_scale=0.5)
     embeds = torch.zeros(2, 3, 3, dtype=torch.float64)
-    both(ValueError, None, prompt=["a", "b", "c"], nag_negative_prompt_embeds=embeds, nag_negative_pooled_prompt_embeds=embeds[:, 0])
+    both(ValueError, None, prompt=["a", "b", "c"], nag_negative_prompt_embeds=embeds,
+         nag_negative_pooled_prompt_embeds=embeds[:, 0])

@@ -1,8 +1,8 @@
-"""apply_nag on SDXL's modular blocks (StableDiffusionXLAutoBlocks, CFG guider): the modular pipeline and the classic StableDiffusionXLPipeline built
-from the same components give bit-identical latents with CFG off and, with CFG on, agree within the stock pipelines'
-own difference (the classic pipeline batches CFG's two passes into one call, the modular guider runs them apart:
-float64 rounding, ~1e-16 without NAG); NAG on the conditional pass only, nag_end, batches, the second NAG negative
-prompt, stock reproduced, remove_nag exact, the classic errors.
+"""apply_nag on SDXL's modular blocks (StableDiffusionXLAutoBlocks, CFG guider): the modular pipeline and the classic
+StableDiffusionXLPipeline built from the same components give bit-identical latents with CFG off and, with CFG on,
+agree within the stock pipelines' own difference (the classic pipeline batches CFG's two passes into one call, the
+modular guider runs them apart: float64 rounding, ~1e-16 without NAG); NAG on the conditional pass only, nag_end,
+batches, the second NAG negative prompt, stock reproduced, remove_nag exact, the classic errors.
 
 Not compared: several prompts with num_images_per_prompt > 1. diffusers 0.42.1's modular SDXL input step repeats the
 pooled text embeddings in another row order than the classic pipeline ([p0, p1, p0, p1] against [p0, p0, p1, p1]),
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
 import modular_toy

@@ -120,8 +120,10 @@ def test_batches_and_both_experts_guided():
     set_cfg(modular, 1.0)
     prompts, nag = ["a red cat", "a dog"], dict(nag_negative_prompt=["blurry", "ugly"], num_videos_per_prompt=2)
     calls = []
-    hooks = [model.register_forward_pre_hook(lambda m, a, k, i=i: calls.append((i, k["encoder_hidden_states"].shape[0])),
-                                             with_kwargs=True, prepend=True)
+    def record(index):
+        return lambda m, a, k: calls.append((index, k["encoder_hidden_states"].shape[0]))
+
+    hooks = [model.register_forward_pre_hook(record(i), with_kwargs=True, prepend=True)
              for i, model in enumerate((modular.transformer, modular.transformer_2))]
     got = modular_latents(modular, prompts, kw, **nag)
     for hook in hooks:
