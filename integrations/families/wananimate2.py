@@ -291,8 +291,12 @@ def patch_blocks(blocks) -> int:
     """Replace, in place, every stock Wan Animate 2 text-encoder step and segment denoise block of ``blocks`` (a
     ``WanAnimate2Blocks`` / ``WanAnimate2DistilledBlocks``, or any composition of their blocks) by its NAG-aware
     subclass (``REPLACEMENTS``); returns how many. The subclasses are the stock blocks without NAG, so patched blocks
-    run stock calls unchanged; ``apply_nag`` patches a copy (``MODULAR_SPEC``) and ``remove_nag`` puts the original
-    blocks back."""
+    run stock calls unchanged.
+
+    In place on a copy only: diffusers' preset blocks share their nested sub-blocks between instances (the module
+    level ``BLOCKS`` dicts hold block objects, not classes), so patching a fresh ``WanAnimate2Blocks()`` in place would
+    patch every other one. ``apply_nag`` runs this on its own deep copy (``modular_spec``) and ``remove_nag`` puts the
+    original blocks back; ``nag_blocks`` returns a patched copy for blocks composed by hand."""
     count = 0
     for name, block in list((blocks.sub_blocks or {}).items()):
         new = REPLACEMENTS.get(type(block))
@@ -302,6 +306,24 @@ def patch_blocks(blocks) -> int:
         elif isinstance(block, LoopSequentialPipelineBlocks) or getattr(block, "sub_blocks", None):
             count += patch_blocks(block)
     return count
+
+
+def nag_blocks(blocks):
+    """A deep copy of ``blocks`` with NAG-aware blocks (``patch_blocks``), for composing by hand with
+    ``modular.NAGTextEncoderStep`` and ``NAGGuidance``::
+
+        >>> blocks = nag_blocks(WanAnimate2DistilledBlocks())
+        >>> blocks.sub_blocks.insert("nag_text_encoder", NAGTextEncoderStep(blocks.sub_blocks["text_encoder"]), 1)
+        >>> pipe = blocks.init_pipeline("Wan-AI/Wan2.2-Animate-2-14B-Distilled-Diffusers")
+        >>> pipe.load_components(dtype=torch.bfloat16)
+        >>> pipe.update_components(guider=NAGGuidance(guidance_scale=1.0, nag_scale=9.0))
+    """
+    import copy
+
+    patched = copy.deepcopy(blocks)
+    if not patch_blocks(patched):
+        raise TypeError(f"{type(blocks).__name__} has no Wan Animate 2 text-encoder step or segment denoise block")
+    return patched
 
 
 def modular_spec():
