@@ -31,6 +31,7 @@ FAMILIES = {
     "krea2": "Krea 2 (Krea2Transformer2DModel)",
     "wananimate2": "Wan Animate 2 (WanAnimate2Transformer3DModel; modular blocks)",
     "flux3": "FLUX.3 (Flux3Transformer2DModel; modular blocks)",
+    "minimax_h3": "MiniMax-H3 (MiniMaxH3Transformer3DModel; modular blocks)",
 }
 
 

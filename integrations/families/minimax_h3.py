@@ -1,0 +1,245 @@
+"""NAG for ``MiniMaxH3Transformer3DModel`` (MiniMax-H3, joint video + audio; modular blocks ``MiniMaxH3Blocks``):
+docs/families/minimax_h3.md.
+
+MiniMax-H3 is guidance-distilled (one forward per step, no negative prompt): NAG is its only guidance. The model runs
+one stack of blocks over **one packed sequence** whose index tensors (``text_indices``, ``video_indices``,
+``audio_indices``) place the text, conditioning, audio and target rows, and modulates every row from its timestep and
+modality tag only (``adaln_indices = timestep_indices * 3 + token_tags``), never from the text. So the media rows of
+the two branches of a 2B layout get the same modulation; the shared media stream (media rows once, the NAG
+negative's text as an extra segment of the packed sequence) is the family's guided layout.
+
+How one guided forward runs (``B`` latent rows, ``encoder_hidden_states`` ``[2B, T, D]`` = positive then NAG-negative
+rows; ``guided.pre_hook`` checks the batches and calls ``MiniMaxH3Family.deliver``):
+
+- ``deliver`` packs the text along the sequence, ``[B, 2T, D]`` (positive tokens, then negative tokens), appends the
+  negative's ``T`` rows at the end of the packed sequence (``S .. S + T - 1``; ``text_indices`` extended), each
+  negative row with its positive twin's position, modality tag and timestep index (``position_ids``, ``token_tags``,
+  ``timestep_indices`` extended by their text rows), so the stock model forward runs unchanged at batch ``B``: its
+  per-row layers see ``S + T`` rows and its output heads select the video and audio rows as usual.
+- Only the attention differs (``NAGMiniMaxH3AttnProcessor``, the record per thread: the model passes no attention
+  kwargs to its processors). The token refiner's attention (no rotary embedding) runs per branch (``[2B, T]``, the
+  stock processor). In the blocks: the positive text queries attend to ``[text_pos ; media]`` (stock), the negative's
+  text queries to ``[text_neg ; media]``, both through the user's attention backend; the media queries (every row
+  that is not text: conditioning, reference audio, target video and audio) over both branches' keys, split into the
+  shared media keys (once) and each branch's text keys, LSE-merged with the NAG combine fused
+  (``split_attention.image_attention``). With a non-PyTorch attention backend, exact mode runs the unsplit
+  per-branch attention of the media queries through that backend (same numbers up to rounding).
+- Context parallelism: diffusers' ``_cp_plan`` shards the packed sequence contiguously at the first block, where the
+  row sets of this layout are sequence-wide index tensors; NAG refuses a guided call under a parallel config.
+
+Plain forwards (no record) go to the wrapped stock processors. No ``forward`` is replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers.models.transformers.transformer_minimax_h3 import (
+    MiniMaxH3Attention,
+    MiniMaxH3AttnProcessor,
+    MiniMaxH3Transformer3DModel,
+    _apply_rotary_emb,
+)
+
+from .. import call_state
+from ..family import Family
+from ..guided import NAGForward, rows
+from ..pipeline import PromptAdapter
+from ..processor import NAGProcessor
+from ..registry import register_family
+from ..split_attention import branch_join, combine, image_attention
+
+DEFAULTS = {"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
+LAYOUT = ("position_ids", "token_tags", "timestep_indices", "video_indices", "audio_indices", "text_indices")
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniMaxH3Forward(NAGForward):
+    """The guided forward's record with the packed layout's row sets (sequence-wide index tensors, ``[T]``, ``[T]``,
+    ``[M]``): the positive text rows, the NAG negative's text rows, the media rows (every other row)."""
+
+    text_rows: torch.Tensor | None = None
+    negative_rows: torch.Tensor | None = None
+    media_rows: torch.Tensor | None = None
+
+
+def unpack(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 2T, ...]`` (positive tokens, then negative tokens) -> ``[2B, T, ...]`` (positive rows first)."""
+    return torch.cat(x.chunk(2, dim=1))
+
+
+def pack(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of ``unpack``: ``[2B, T, ...]`` -> ``[B, 2T, ...]``."""
+    return torch.cat([x[:batch], x[batch:]], dim=1)
+
+
+def fit_text(x: torch.Tensor, length: int) -> torch.Tensor:
+    """The NAG negative's text ``[R, T_neg, D]`` on the prompt's ``length`` tokens: its first ``length`` tokens when
+    longer (Qwen3-VL is causal: exactly the encoding of the negative cut there), its last row repeated when shorter
+    (the family's definition; the packed sequence has no padding and no mask)."""
+    have = x.shape[1]
+    if have >= length:
+        return x[:, :length]
+    return torch.cat([x, x[:, -1:].expand(-1, length - have, *x.shape[2:])], dim=1)
+
+
+def _refuse_parallel(config, where: str) -> None:
+    if config is not None:
+        raise NotImplementedError(
+            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): MiniMax-H3's "
+            "context-parallel plan (_cp_plan) shards the packed sequence contiguously, and NAG's guided layout "
+            "addresses its row sets (positive text, NAG-negative text, media) with sequence-wide indices; NAG's "
+            "MiniMax-H3 integration runs on one process only. Call without NAG arguments, or run NAG without "
+            "enable_parallelism / parallel_config"
+        )
+
+
+class NAGMiniMaxH3AttnProcessor(NAGProcessor):
+    """``MiniMaxH3AttnProcessor`` with NAG (module docstring); plain calls go to the wrapped stock processor."""
+
+    stock = MiniMaxH3AttnProcessor
+
+    def __call__(
+        self,
+        attn: MiniMaxH3Attention,
+        hidden_states: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        nag = call_state.record()
+        if not isinstance(nag, MiniMaxH3Forward):
+            return self.inner(attn, hidden_states, rotary_emb, attention_mask)
+        _refuse_parallel(self._parallel_config, "this call")
+        if attention_mask is not None:
+            raise ValueError("NAG on MiniMax-H3 does not take an attention_mask (the stock model passes none)")
+        if rotary_emb is None:  # the token refiner: [B, 2T, C] packed text, each branch on its own
+            return pack(self.inner(attn, unpack(hidden_states), None, None), nag.batch)
+        return self._blocks(attn, hidden_states, rotary_emb, nag)
+
+    def _blocks(self, attn, hidden_states, rotary_emb, nag: MiniMaxH3Forward) -> torch.Tensor:
+        # hidden_states [B, S + T, C]: the packed sequence with the NAG negative's text rows appended.
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key = _apply_rotary_emb(query, *rotary_emb), _apply_rotary_emb(key, *rotary_emb)
+
+        batch = nag.batch
+        text = torch.cat([nag.text_rows, nag.negative_rows])
+
+        def texts(t):  # [2B, T, H, D]: positive rows, then negative rows
+            return unpack(t.index_select(1, text))
+
+        tq, tk, tv = texts(query), texts(key), texts(value)
+        mq, mk, mv = (t.index_select(1, nag.media_rows) for t in (query, key, value))
+        text_out = self.attend(tq, branch_join(tk, mk), branch_join(tv, mv))  # [2B, T, H * D]
+        if nag.mode == "fast" or self.backend_is_torch():
+            media_out = image_attention(mq, mk, mv, tk, tv, nag)  # [B, M, H * D]
+        else:  # the user's attention backend, each branch over its whole sequence
+            tlen = tq.shape[1]
+            out = self.attend(branch_join(tq, mq), branch_join(tk, mk), branch_join(tv, mv))  # [2B, T + M, H * D]
+            media_out = combine(out[:batch, tlen:].contiguous(), out[batch:, tlen:].contiguous(), nag)
+        out = hidden_states.new_zeros((batch, hidden_states.shape[1], text_out.shape[-1]), dtype=query.dtype)
+        out = out.index_copy(1, text, pack(text_out.to(query.dtype), batch))
+        out = out.index_copy(1, nag.media_rows, media_out.to(query.dtype))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _check(model, kw: dict, batch: int) -> None:
+    """A guided forward's inputs that the batch rule alone does not catch (also when NAG is off at this step)."""
+    _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
+    missing = [name for name in LAYOUT if not isinstance(kw.get(name), torch.Tensor)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be given as tensors in a NAG call (the packed layout)")
+    text = kw["encoder_hidden_states"]
+    if text.dim() != 3 or text.shape[-1] != model.config.text_dim:
+        raise ValueError(
+            f"encoder_hidden_states must be [2B, T, text_dim={model.config.text_dim}] in a NAG call, got "
+            f"{tuple(text.shape)}"
+        )
+    n = rows(kw.get("audio_hidden_states"))
+    if n != batch:
+        raise ValueError(
+            f"audio_hidden_states must have the batch of hidden_states ({batch}) in a NAG call, got {n}: only "
+            "encoder_hidden_states has 2B rows"
+        )
+    positions = kw["position_ids"]
+    if positions.dim() != 2 or positions.shape[-1] != 3:
+        raise ValueError(f"position_ids must be a (seq_len, 3) tensor, got {tuple(positions.shape)}")
+    length = positions.shape[0]
+    for name in ("token_tags", "timestep_indices"):
+        if tuple(kw[name].shape) != (length,):
+            raise ValueError(f"{name} must have shape ({length},) like position_ids in a NAG call, got "
+                             f"{tuple(kw[name].shape)}")
+    counts = {name: kw[name].numel() for name in ("text_indices", "video_indices", "audio_indices")}
+    if any(kw[name].dim() != 1 for name in counts):
+        raise ValueError("text_indices, video_indices and audio_indices must be 1-D index tensors")
+    if counts["text_indices"] != text.shape[1]:
+        raise ValueError(
+            f"text_indices must have one entry per text token ({text.shape[1]}, encoder_hidden_states' tokens) in a "
+            f"NAG call, got {counts['text_indices']}"
+        )
+    if sum(counts.values()) != length:
+        raise ValueError(
+            f"text_indices, video_indices and audio_indices must cover the packed sequence ({length} rows, "
+            f"position_ids) in a NAG call, got {counts['text_indices']} + {counts['video_indices']} + "
+            f"{counts['audio_indices']}"
+        )
+
+
+class MiniMaxH3Family(Family):
+    """MiniMax-H3's family: the NAG negative's text appended to the packed sequence (module docstring)."""
+
+    def deliver(self, kw: dict, extra: dict, record) -> None:
+        text, batch = kw[self.text], record.batch
+        kw[self.text] = pack(text, batch)
+        text_rows, positions = kw["text_indices"], kw["position_ids"]
+        length, text_len = positions.shape[0], text.shape[1]
+        negative_rows = torch.arange(length, length + text_len, device=text_rows.device, dtype=text_rows.dtype)
+        for name in ("position_ids", "token_tags", "timestep_indices"):
+            kw[name] = torch.cat([kw[name], kw[name].index_select(0, text_rows.to(kw[name].device))])
+        kw["text_indices"] = torch.cat([text_rows, negative_rows])
+        media_rows = torch.cat([kw["video_indices"], kw["audio_indices"].to(kw["video_indices"].device)])
+        fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(NAGForward)}
+        record = MiniMaxH3Forward(**fields, text_rows=text_rows, negative_rows=negative_rows, media_rows=media_rows)
+        super().deliver(kw, extra, record)
+
+
+class MiniMaxH3Prompts(PromptAdapter):
+    """The modular text-encoder step encodes a prompt with its own token count (no padding): the NAG negative is
+    fitted to the prompt's (``fit_text``) before it is appended."""
+
+    def append(self, result, negative: dict):
+        for index in self.per_branch:
+            ref, x = result[index], negative.get(index)
+            if isinstance(ref, torch.Tensor) and isinstance(x, torch.Tensor) and x.dim() == ref.dim() == 3:
+                negative = {**negative, index: fit_text(x, ref.shape[1])}
+        return super().append(result, negative)
+
+
+MINIMAX_H3 = MiniMaxH3Family(
+    name="MiniMax-H3",
+    models=(MiniMaxH3Transformer3DModel,),
+    token_order="text_first",
+    acts_in="the self-attention of the transformer blocks over the packed sequence (media queries: conditioning, "
+    "audio and target rows), the media rows shared by both branches (exact: the modulation depends on the timestep "
+    "and modality tag only); the NAG negative's text is an extra segment of the packed sequence, refined per branch",
+    processors={MiniMaxH3Attention: NAGMiniMaxH3AttnProcessor},
+    prompts=MiniMaxH3Prompts(
+        prompts={"nag_negative_prompt": "prompt"},
+        embeds={"nag_negative_prompt_embeds": 0},
+        per_branch=(0,),
+        forwarded=("device",),
+    ),
+    pipelines={},
+    defaults=DEFAULTS,
+    timestep_scale=1000.0,
+    timestep_value=lambda timestep: 1.0 - timestep.min(),  # t = 1 is clean: the noisiest rows' noise level
+    attention_kwargs="attention_kwargs",
+    passes_attention_kwargs=False,
+    check=_check,
+)
+register_family(MINIMAX_H3)
