@@ -25,9 +25,9 @@ _V23 = dict(gated_attn=True, audio_gated_attn=True, cross_attn_mod=True, audio_c
 CONFIGS = {
     "ltx-2-19b": dict(_BASE),
     "ltx-2.3-22b": dict(_BASE, **_V23),
-    "tiny": dict(_BASE, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32, audio_num_attention_heads=2,
-                 audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=24,
-                 in_channels=8, out_channels=8, audio_in_channels=8, audio_out_channels=8, **_V23),
+    "tiny": dict(_BASE, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                 audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2,
+                 caption_channels=24, in_channels=8, out_channels=8, audio_in_channels=8, audio_out_channels=8, **_V23),
 }
 LABELS = {"ltx-2-19b": "LTX-2 19B", "ltx-2.3-22b": "LTX-2.3 22B", "tiny": "LTX-2 tiny"}
 # (width, height, frames): the VAE compresses 32x in space and 8x in time; the pipelines' default frame rate is 24

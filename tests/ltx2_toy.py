@@ -65,8 +65,8 @@ def transformer(version: str = "2.0", layers: int = 2, seed: int = 0, **extra) -
         in_channels=CHANNELS, out_channels=CHANNELS, patch_size=1, patch_size_t=1, num_attention_heads=2,
         attention_head_dim=8, cross_attention_dim=VIDEO_DIM, audio_in_channels=AUDIO_CHANNELS,
         audio_out_channels=AUDIO_CHANNELS, audio_num_attention_heads=2, audio_attention_head_dim=4,
-        audio_cross_attention_dim=AUDIO_DIM, num_layers=layers, caption_channels=TEXT_DIM, vae_scale_factors=(2, 2, 2),
-        **{**_CONFIGS[version], **extra},
+        audio_cross_attention_dim=AUDIO_DIM, num_layers=layers, caption_channels=TEXT_DIM,
+        **{"vae_scale_factors": (2, 2, 2), **_CONFIGS[version], **extra},
     )
     return _widen(model).eval()
 
@@ -111,9 +111,9 @@ def vae() -> AutoencoderKLLTX2Video:
         in_channels=3, out_channels=3, latent_channels=CHANNELS, block_out_channels=(8, 8),
         decoder_block_out_channels=(8, 8), layers_per_block=(1, 1), decoder_layers_per_block=(1, 1, 1),
         spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True, True),
-        decoder_inject_noise=(False,) * 3, downsample_type=("spatiotemporal", "spatial"), upsample_residual=(False,) * 2,
-        upsample_factor=(1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
-        decoder_causal=False,
+        decoder_inject_noise=(False,) * 3, downsample_type=("spatiotemporal", "spatial"),
+        upsample_residual=(False,) * 2, upsample_factor=(1, 1), timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False,
     )
     model.use_framewise_encoding = model.use_framewise_decoding = False
     return model.eval()
@@ -140,9 +140,9 @@ def vocoder() -> LTX2Vocoder:
 def components(version: str = "2.0", layers: int = 2, registers: int | None = None, **extra) -> dict:
     tok = tokenizer()
     return dict(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(), audio_vae=audio_vae(), text_encoder=text_encoder(len(tok)),
-        tokenizer=tok, connectors=connectors(version, registers), transformer=transformer(version, layers, **extra),
-        vocoder=vocoder(),
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(), audio_vae=audio_vae(),
+        text_encoder=text_encoder(len(tok)), tokenizer=tok, connectors=connectors(version, registers),
+        transformer=transformer(version, layers, **extra), vocoder=vocoder(),
     )
 
 

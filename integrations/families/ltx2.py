@@ -314,14 +314,16 @@ def _check(model, kw: dict, batch: int) -> None:
         raise ValueError(f"encoder_hidden_states must have width {width}, got {text.shape[-1]}")
     audio_text = kw.get("audio_encoder_hidden_states")
     if not isinstance(audio_text, torch.Tensor):
-        raise ValueError("audio_encoder_hidden_states is required in a NAG call (its rows: positive, then NAG-negative)")
+        raise ValueError(
+            "audio_encoder_hidden_states is required in a NAG call (its rows: positive, then NAG-negative)")
     audio_width = config.caption_channels if config.use_prompt_embeddings else config.audio_cross_attention_dim
     if audio_text.shape[-1] != audio_width:
         raise ValueError(f"audio_encoder_hidden_states must have width {audio_width}, got {audio_text.shape[-1]}")
     for name in _PER_TEXT_ROW[1:]:
         x = kw.get(name)
         if isinstance(x, torch.Tensor) and x.shape[0] != total:
-            raise ValueError(f"{name} must have {total} rows like encoder_hidden_states in a NAG call, got {x.shape[0]}")
+            raise ValueError(
+                f"{name} must have {total} rows like encoder_hidden_states in a NAG call, got {x.shape[0]}")
     for name in ("audio_hidden_states", "timestep", "audio_timestep", "sigma", "audio_sigma", "video_coords",
                  "audio_coords", "perturbation_mask", "video_self_attention_mask", "video_keyframes_mask"):
         x = kw.get(name)
