@@ -87,12 +87,19 @@ class ModularSpec:
         step_rows: give the loop denoiser the step's ``t`` with one row per latent row in a NAG call (FLUX.1: the
             modular ``FluxLoopDenoiser`` passes ``timestep=t.flatten() / 1000``, one row, which the transformer
             broadcasts; the guided forward wants ``B`` or ``2B`` rows of it, as the classic pipeline passes).
+        per_branch: the state names of the per-branch tensors when they are not those of the family adapter's
+            ``per_branch`` indices in ``outputs`` (LTX-2: three connector outputs); the first gives the prompt count.
+            Such a family gives ``join`` too, or names only ``outputs`` values.
+        blocks: optional ``blocks(patched)``: the family's own changes to the copy of the blocks ``apply_nag`` makes,
+            before the NAG step is inserted and the denoisers are wrapped (Wan Animate 2).
     """
 
     outputs: dict
     guider_inputs: dict
     model_names: tuple[str, ...] = ()
     step_rows: bool = False
+    per_branch: tuple[str, ...] = ()
+    blocks: Callable | None = None
     text_encoder: str = "text_encoder"
     pipelines: dict = dataclasses.field(default_factory=dict)
     unconditional: bool = False
@@ -198,6 +205,8 @@ class NAGCall:
     @property
     def per_branch(self) -> tuple[str, ...]:
         """The state names of the positive's per-branch tensors (they get the NAG negative's rows)."""
+        if self.spec.per_branch:
+            return tuple(self.spec.per_branch)
         return tuple(self.spec.outputs[index] for index in self.family.prompts.per_branch)
 
     def join(self, positive: dict) -> dict:
@@ -420,7 +429,7 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
         if config.scale <= 1 or not (given or always):
             return None
         embed_state = {name: spec.outputs[index] for name, index in adapter.embeds.items()}
-        first = spec.outputs[adapter.per_branch[0]]
+        first = spec.per_branch[0] if spec.per_branch else spec.outputs[adapter.per_branch[0]]
         positive = state.get(first)
         if positive is None:
             raise ValueError(
@@ -445,19 +454,20 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
             name = param.name or ""
             if name.startswith(("negative_", "prompt")) or name in spec.outputs.values():
                 sub.values[name] = None
-        for outputs in spec.outputs.values():
-            sub.values[outputs] = None
+        for name in (*spec.outputs.values(), *spec.per_branch):
+            sub.values[name] = None
         for index, (name, target) in enumerate(self._prompt_names().items()):
             default = "" if index == 0 else None
             sub.values[target] = per_prompt(name, negatives.get(name) or default, prompts)
         unconditional = spec.unconditional
         self.text_encoder(_Components(components, unconditional), sub)
-        encoded = {name: sub.get(name) for name in spec.outputs.values()}
-        for index in adapter.per_branch:
-            if encoded[spec.outputs[index]] is None:
+        names = spec.per_branch or tuple(spec.outputs[index] for index in adapter.per_branch)
+        encoded = {name: sub.get(name) for name in (*spec.outputs.values(), *names)}
+        for name in names:
+            if encoded[name] is None:
                 raise RuntimeError(
-                    f"{type(self.text_encoder).__name__} did not encode the NAG negative ({spec.outputs[index]} "
-                    "missing); is it the step that encodes the prompt?"
+                    f"{type(self.text_encoder).__name__} did not encode the NAG negative ({name} missing); is it the "
+                    "step that encodes the prompt?"
                 )
         return encoded
 
@@ -577,6 +587,8 @@ def patch_blocks(blocks: ModularPipelineBlocks, family, spec: ModularSpec) -> Mo
             f"supports the {family.name} blocks that encode the prompt)"
         )
     patched = copy.deepcopy(blocks)
+    if spec.blocks is not None:
+        spec.blocks(patched)
     top = patched.sub_blocks
     text = top[spec.text_encoder]
     if spec.unconditional:
