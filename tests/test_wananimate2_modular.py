@@ -45,6 +45,12 @@ PROMPT, NEGATIVE = "a red cat", "blurry dark"
 
 @pytest.fixture
 def wananimate2_modular(monkeypatch):
+    install_modular_entry(monkeypatch)
+
+
+def install_modular_entry(monkeypatch):
+    """``MODULAR_SPEC`` in ``modular.SPECS`` and the blocks hook around ``modular.patch_blocks``, unless the core has
+    them."""
     if "Wan Animate 2" not in modular.SPECS:
         monkeypatch.setitem(modular.SPECS, "Wan Animate 2", MODULAR_SPEC)
     if getattr(modular.SPECS["Wan Animate 2"], "blocks", None) is None:
