@@ -1,11 +1,11 @@
 """NAG on LTX-2's modular blocks (``LTX2AutoBlocks`` with the ``LTX2Guidance`` video and audio guiders): the entry
-``integrations/modular.py`` needs for LTX-2, checked here until the core has it.
+``integrations/modular.py`` needs for LTX-2 (``LTX2_SPEC``), patched into ``modular.SPECS`` here until the core has
+it (when it does, the core's entry is used as it is).
 
-LTX-2's modular conditioning is three tensors per text row (``connector_prompt_embeds``,
-``connector_audio_prompt_embeds``, ``connector_attention_mask``, the connectors' outputs), while the core joins the NAG
-rows to the state names of the classic adapter's ``per_branch`` indices only (two: the Gemma embeddings and their
-mask). ``LTX2_SPEC`` is the entry, and ``_spec`` gives ``NAGCall`` the three names (the core field it lacks:
-``ModularSpec.per_branch``, see docs/families/ltx2.md); when the core has an "LTX-2" entry, it is used as it is.
+LTX-2's modular conditioning is three tensors per text row, the connectors' outputs (``connector_prompt_embeds``,
+``connector_audio_prompt_embeds``, ``connector_attention_mask``), not the classic adapter's two ``encode_prompt``
+tensors (Gemma embeddings and mask): ``ModularSpec.per_branch`` names them and ``join`` appends the NAG negative's
+rows to each. The modular path takes ``nag_negative_prompt`` (text) only.
 
 Expected outputs: the stock modular pipeline on the same components whose transformer is ``ltx2_reference``'s model
 in the 2B layout, with the NAG negative's connector outputs appended to every call whose text ends with the
@@ -37,6 +37,11 @@ KW = dict(height=ltx2_toy.SIZE, width=ltx2_toy.SIZE, num_frames=ltx2_toy.FRAMES,
 def _join(positive, negative):
     """The NAG negative's rows after the positive's, for each of the three tensors (``negative``: a tensor or the
     core's per-image list)."""
+    if any(negative.get(name) is None for name in positive):
+        raise ValueError(
+            "LTX-2's modular blocks take nag_negative_prompt (text): their conditioning is the connectors' three "
+            "outputs, and pre-encoded NAG negatives are the classic pipelines' Gemma embeddings")
+
     def rows(name):
         x = negative[name]
         if isinstance(x, (list, tuple)):
@@ -49,6 +54,7 @@ def _join(positive, negative):
 LTX2_SPEC = modular.ModularSpec(
     model_names=("ltx2", "ltx2.5"),
     outputs={0: "connector_prompt_embeds", 1: "connector_attention_mask", 2: "connector_audio_prompt_embeds"},
+    per_branch=NAMES,
     guider_inputs={"connector_prompt_embeds": "encoder_hidden_states",
                    "connector_audio_prompt_embeds": "audio_encoder_hidden_states",
                    "connector_attention_mask": "encoder_attention_mask"},
@@ -59,12 +65,8 @@ LTX2_SPEC = modular.ModularSpec(
 
 @pytest.fixture(autouse=True)
 def _spec(monkeypatch):
-    if "LTX-2" in modular.SPECS:
-        return
-    monkeypatch.setitem(modular.SPECS, "LTX-2", LTX2_SPEC)
-    stock = modular.NAGCall.per_branch
-    monkeypatch.setattr(modular.NAGCall, "per_branch",
-                        property(lambda call: NAMES if call.family.name == "LTX-2" else stock.fget(call)))
+    if "LTX-2" not in modular.SPECS:
+        monkeypatch.setitem(modular.SPECS, "LTX-2", LTX2_SPEC)
 
 
 def guiders(cfg: bool):
