@@ -84,6 +84,9 @@ def minimax_h3_forward(model, hidden_states, audio_hidden_states, encoder_hidden
     length = position_ids.shape[0]
     media = torch.cat([video_indices, audio_indices])
 
+    hidden_states = hidden_states.to(model.proj_in.weight.dtype)  # as the model: inputs at their projection's dtype
+    audio_hidden_states = audio_hidden_states.to(model.audio_proj_in.weight.dtype)
+    encoder_hidden_states = encoder_hidden_states.to(model.context_embedder.weight.dtype)
     text = _refine(model, model.context_embedder(encoder_hidden_states))  # [R, T, C]
     x = text.new_zeros(batch, length, text.shape[-1])
     x[:, text_indices] = text[:batch]

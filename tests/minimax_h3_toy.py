@@ -72,3 +72,61 @@ def inputs(batch=1, text=5, condition=4, audio=3, video=8, permute=False, seed=0
 def positive(kw):
     """The call with the positive text only (a plain forward)."""
     return {**kw, "encoder_hidden_states": kw["encoder_hidden_states"][: kw["hidden_states"].shape[0]]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The modular blocks' components (MiniMaxH3Blocks, t2va): no VAEs (the tests compare the denoised latents).
+
+QWEN_HIDDEN = 16
+QWEN_LAYERS = 51  # MiniMax-H3 reads hidden_states[50] (components.text_encoder_layer)
+WORDS = "a cat dog red blue sky fox runs in snow birds sing blurry dark low quality noisy distorted audio".split()
+
+
+class Processor:
+    """What the MiniMax-H3 text-encoder step uses of the ``Qwen3VLProcessor``: ``create_mm_token_type_ids`` (every
+    token text here: no vision blocks in a t2va presentation)."""
+
+    def create_mm_token_type_ids(self, token_ids):
+        return [[0] * len(ids) for ids in token_ids]
+
+
+def tokenizer():
+    """A word-level tokenizer (one token per word)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "[UNK]", ",", ".", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>")
+
+
+def text_encoder(vocab_size: int, dtype=torch.float64):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(1)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=QWEN_HIDDEN, intermediate_size=16, num_hidden_layers=QWEN_LAYERS,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=QWEN_HIDDEN,
+                           patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+    )
+    return Qwen3VLForConditionalGeneration(config).to(dtype).eval()
+
+
+def modular_components(dtype=torch.float64, seed: int = 0) -> dict:
+    from diffusers import MiniMaxH3Scheduler
+
+    tok = tokenizer()
+    return dict(
+        transformer=transformer(seed=seed, dtype=dtype, in_channels=24, audio_in_channels=32, text_dim=QWEN_HIDDEN),
+        text_encoder=text_encoder(len(tok), dtype),
+        tokenizer=tok,
+        processor=Processor(),
+        scheduler=MiniMaxH3Scheduler(),
+        audio_scheduler=MiniMaxH3Scheduler(),
+    )
