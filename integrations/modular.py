@@ -151,6 +151,11 @@ SPECS: dict[str, ModularSpec] = {
         guider_inputs={"prompt_embeds": "cap_feats"},
         join=_join_lists,
     ),
+    "FLUX.3": ModularSpec(  # Flux3AutoBlocks (CFG guider), Flux3DistilledAutoBlocks (no guider)
+        outputs={0: "prompt_embeds"},
+        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
+        model_names=("flux3", "flux3-distilled"),
+    ),
     "LTX-Video": ModularSpec(
         model_names=("ltx",),
         outputs={0: "prompt_embeds", 1: "prompt_attention_mask"},
@@ -458,7 +463,9 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
             sub.values[name] = None
         for index, (name, target) in enumerate(self._prompt_names().items()):
             default = "" if index == 0 else None
-            sub.values[target] = per_prompt(name, negatives.get(name) or default, prompts)
+            value = per_prompt(name, negatives.get(name) or default, prompts)
+            # One prompt: the string itself (FLUX.3's text-encoder steps take one str per call; the others wrap it)
+            sub.values[target] = value[0] if isinstance(value, list) and prompts == 1 else value
         unconditional = spec.unconditional
         self.text_encoder(_Components(components, unconditional), sub)
         names = spec.per_branch or tuple(spec.outputs[index] for index in adapter.per_branch)
@@ -510,6 +517,11 @@ class NAGLoopDenoiser(ModularPipelineBlocks):
         if positive[call.per_branch[0]] is None:
             raise ValueError(f"NAG found no {call.per_branch[0]} in the denoise step's inputs")
         joined = call.join(positive)
+        # The same tensors where the block state also holds them in a dict (a kwargs_type such as
+        # denoiser_input_fields, from which FLUX.3's loop denoisers read the text)
+        holders = [value for value in vars(block_state).values() if isinstance(value, dict)]
+        swapped = [(holder, name) for holder in holders for name in joined
+                   if name in holder and holder[name] is positive[name]]
         t = kwargs.get("t")
         if call.spec.step_rows and isinstance(t, torch.Tensor) and t.numel() == 1:
             kwargs["t"] = t.reshape(1).expand(rows(positive[call.per_branch[0]]))
@@ -517,6 +529,8 @@ class NAGLoopDenoiser(ModularPipelineBlocks):
         try:
             for name, value in joined.items():
                 setattr(block_state, name, value)
+            for holder, name in swapped:
+                holder[name] = joined[name]
             call_state.put(_JOINED, True)
             with call_state.pipeline_call(call.config):
                 return self.denoiser(components, block_state, **kwargs)
@@ -524,6 +538,8 @@ class NAGLoopDenoiser(ModularPipelineBlocks):
             call_state.put(_JOINED, before)
             for name, value in positive.items():
                 setattr(block_state, name, value)
+            for holder, name in swapped:
+                holder[name] = positive[name]
 
 
 class _WithUnconditional(ModularPipelineBlocks):

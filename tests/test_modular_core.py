@@ -44,6 +44,8 @@ BLOCK_SETS = {
     "ZImageAutoBlocks": ("Z-Image", {"nag_negative_prompt", "nag_negative_prompt_embeds"}),
     "LTXAutoBlocks": ("LTX-Video", {"nag_negative_prompt", "nag_negative_prompt_embeds",
                                     "nag_negative_prompt_attention_mask"}),
+    "Flux3AutoBlocks": ("FLUX.3", {"nag_negative_prompt", "nag_negative_prompt_embeds"}),
+    "Flux3DistilledAutoBlocks": ("FLUX.3", {"nag_negative_prompt", "nag_negative_prompt_embeds"}),
 }
 
 
