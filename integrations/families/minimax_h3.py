@@ -44,7 +44,7 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
 
 from .. import call_state
 from ..family import Family
-from ..guided import NAGForward, rows
+from ..guided import NAGForward, carry_record_into_checkpoints, rows, uncarry
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -151,6 +151,9 @@ class NAGMiniMaxH3AttnProcessor(NAGProcessor):
 def _check(model, kw: dict, batch: int) -> None:
     """A guided forward's inputs that the batch rule alone does not catch (also when NAG is off at this step)."""
     _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
+    refiner = model.token_refiner
+    if getattr(refiner, "gradient_checkpointing", False):  # its own checkpointing: the record into its recomputation
+        carry_record_into_checkpoints(refiner)
     missing = [name for name in LAYOUT if not isinstance(kw.get(name), torch.Tensor)]
     if missing:
         raise ValueError(f"{', '.join(missing)} must be given as tensors in a NAG call (the packed layout)")
@@ -188,6 +191,14 @@ def _check(model, kw: dict, batch: int) -> None:
             f"position_ids) in a NAG call, got {counts['text_indices']} + {counts['video_indices']} + "
             f"{counts['audio_indices']}"
         )
+
+
+def _patch(model):
+    return True
+
+
+def _restore(model, undo) -> None:
+    uncarry(model.token_refiner)  # what _check wrapped (gradient checkpointing of the token refiner)
 
 
 class MiniMaxH3Family(Family):
@@ -241,5 +252,7 @@ MINIMAX_H3 = MiniMaxH3Family(
     attention_kwargs="attention_kwargs",
     passes_attention_kwargs=False,
     check=_check,
+    patch=_patch,
+    restore=_restore,
 )
 register_family(MINIMAX_H3)
