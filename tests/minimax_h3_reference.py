@@ -107,8 +107,8 @@ def minimax_h3_forward(model, hidden_states, audio_hidden_states, encoder_hidden
         shift1, scale1, gate1, shift2, scale2, gate2 = table
         attn = block.attn
 
-        def project(h, r, c, s):
-            q, k, v = _qkv(attn, _rms(block.norm1, h) * (1 + scale1[r]) + shift1[r])
+        def project(h, r, c, s, attn=attn, norm=block.norm1, scale=scale1, shift=shift1):
+            q, k, v = _qkv(attn, _rms(norm, h) * (1 + scale[r]) + shift[r])
             return _rope(q, c, s), _rope(k, c, s), v
 
         q, k, v = project(x, rows, cos, sin)

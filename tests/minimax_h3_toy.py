@@ -79,7 +79,7 @@ def positive(kw):
 
 QWEN_HIDDEN = 16
 QWEN_LAYERS = 51  # MiniMax-H3 reads hidden_states[50] (components.text_encoder_layer)
-WORDS = "a cat dog red blue sky fox runs in snow birds sing blurry dark low quality noisy distorted audio".split()
+WORDS = ["a", "cat", "dog", "red", "blue", "sky", "fox", "runs", "in", "snow", "birds", "sing", "blurry", "dark", "low", "quality", "noisy", "distorted", "audio"]
 
 
 class Processor:

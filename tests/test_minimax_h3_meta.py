@@ -6,10 +6,10 @@ is at most 1.10x a plain one (slow)."""
 from __future__ import annotations
 
 import pytest
+from nag_kernels.integrations import apply_nag, remove_nag
 
 from meta_models import minimax_h3
 from meta_models.count import count
-from nag_kernels.integrations import apply_nag, remove_nag
 
 NARROW = dict(minimax_h3.CONFIGS["minimax-h3"], num_attention_heads=2, attention_head_dim=64, hidden_size=96,
               num_layers=3, ffn_dim=160, text_dim=48, time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=8)

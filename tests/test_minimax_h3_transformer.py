@@ -153,7 +153,10 @@ def test_guided_call_errors_name_the_argument():
 
 
 def test_parallel_config_is_refused_at_the_guided_call():
-    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    from diffusers.models._modeling_parallel import (
+        ContextParallelConfig,
+        ParallelConfig,
+    )
 
     model = toy.transformer()
     kw = toy.inputs()
