@@ -1,7 +1,7 @@
 """NAG on Wan Animate 2's modular blocks (WanAnimate2Blocks with its CFG guider on and off, WanAnimate2DistilledBlocks
-with its guidance-1 guider and with CFG), with the modular entry this family needs: ``MODULAR_SPEC`` and the blocks
-hook (``wananimate2.patch_blocks`` on the copy ``apply_nag`` makes), set for these tests only since
-``integrations/modular.py`` is the core's (both proposed in docs/families/wananimate2.md).
+with its guidance-1 guider and with CFG), with the modular entry this family needs (``MODULAR_SPEC``: its ``blocks``
+hook puts ``wananimate2``'s NAG-aware denoise blocks in the copy ``apply_nag`` makes), set in ``modular.SPECS`` for
+these tests only since that table is the core's (proposed in docs/families/wananimate2.md).
 
 Against an independent computation: the stock blocks, whose transformer forward is replaced by the float64 definition
 (``wananimate2_reference``) that appends the NAG negative's row on the conditional denoising calls (the NAG
@@ -36,8 +36,7 @@ from nag_kernels.integrations.modular import NAGTextEncoderStep
 pytestmark = [pytest.mark.usefixtures("single_thread", "wananimate2_modular"),
               pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 
-# The entry integrations/modular.py needs in SPECS (keyed by Family.name), and its blocks hook (see the module
-# docstring): ModularSpec has no field for the hook yet.
+# The entry integrations/modular.py needs in SPECS (keyed by Family.name).
 MODULAR_SPEC = wananimate2.modular_spec()
 SETTINGS = (9.0, 3.5, 0.25)  # the family's recommended scale, tau, alpha
 PROMPT, NEGATIVE = "a red cat", "blurry dark"
@@ -49,20 +48,8 @@ def wananimate2_modular(monkeypatch):
 
 
 def install_modular_entry(monkeypatch):
-    """``MODULAR_SPEC`` in ``modular.SPECS`` and the blocks hook around ``modular.patch_blocks``, unless the core has
-    them."""
-    if "Wan Animate 2" not in modular.SPECS:
-        monkeypatch.setitem(modular.SPECS, "Wan Animate 2", MODULAR_SPEC)
-    if getattr(modular.SPECS["Wan Animate 2"], "blocks", None) is None:
-        stock_patch = modular.patch_blocks
-
-        def patch_blocks(blocks, family, spec):
-            if family is wananimate2.WANANIMATE2:
-                blocks = copy.deepcopy(blocks)
-                wananimate2.patch_blocks(blocks)
-            return stock_patch(blocks, family, spec)
-
-        monkeypatch.setattr(modular, "patch_blocks", patch_blocks)
+    """``MODULAR_SPEC`` in ``modular.SPECS`` (which the core reads before a family's own declaration)."""
+    monkeypatch.setitem(modular.SPECS, "Wan Animate 2", MODULAR_SPEC)
 
 
 def frames(pipe, **kw):

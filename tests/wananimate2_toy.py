@@ -16,7 +16,6 @@ would. Everything is deterministic (fixed seeds).
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import numpy as np
 import PIL.Image
@@ -52,7 +51,10 @@ def transformer(layers: int = 2, seed: int = 0, use_img_emb: bool = True, **conf
 @contextlib.contextmanager
 def _eager_block_masks():
     original = stock.create_block_mask
-    stock.create_block_mask = functools.partial(original, _compile=False)
+    def eager(*args, **kwargs):
+        return original(*args, **{**kwargs, "_compile": False})  # the model passes _compile=True
+
+    stock.create_block_mask = eager
     try:
         yield
     finally:

@@ -22,13 +22,12 @@ per thread (``call_state.record()``, ``Family.passes_attention_kwargs``). diffus
 (``_cp_plan``) for this model: a guided call under a parallel config is refused.
 
 Modular pipelines: diffusers' denoise block (``WanAnimate2SegmentDenoiseInner`` and its distilled subclass) hands
-the transformer only the first row of the text conditioning (``encoder_hidden_states[0]``), and its text-encoder
-step takes one ``str`` prompt only. ``patch_blocks`` puts NAG-aware subclasses in their place
-(``NAGWanAnimate2TextEncoderStep``, ``NAGWanAnimate2SegmentDenoiseInner``,
+the transformer only the first row of the text conditioning (``encoder_hidden_states[0]``). ``patch_blocks`` puts
+NAG-aware subclasses in their place (``NAGWanAnimate2SegmentDenoiseInner``,
 ``NAGWanAnimate2DistilledSegmentDenoiseInner``): they compute exactly the stock blocks' results unless the call
-carries the NAG rows, and then pass the positive and the NAG-negative row of the conditional pass. ``MODULAR_SPEC``
-is the ``integrations.modular.ModularSpec`` this family needs (proposed for ``modular.SPECS``, with a hook that runs
-``patch_blocks`` on the patched copy of the blocks: docs/families/wananimate2.md, "Modular pipelines").
+carries the NAG rows, and then pass the positive and the NAG-negative row of the conditional pass. ``modular_spec()``
+is the ``ModularSpec`` this family needs, its ``blocks`` hook ``patch_blocks`` (docs/families/wananimate2.md,
+"Modular pipelines").
 """
 
 from __future__ import annotations
@@ -44,14 +43,12 @@ from diffusers.models.transformers.transformer_wan_animate_2 import (
     _get_added_kv_projections,
     _get_qkv_projections,
 )
-from diffusers.modular_pipelines import ModularPipeline
 from diffusers.modular_pipelines.modular_pipeline import LoopSequentialPipelineBlocks
 from diffusers.modular_pipelines.modular_pipeline_utils import InputParam
 from diffusers.modular_pipelines.wan_animate_2.denoise import (
     WanAnimate2DistilledSegmentDenoiseInner,
     WanAnimate2SegmentDenoiseInner,
 )
-from diffusers.modular_pipelines.wan_animate_2.encoders import WanAnimate2TextEncoderStep
 
 from .. import call_state, cross_attention
 from ..family import Family
@@ -176,18 +173,6 @@ register_family(WANANIMATE2)
 # Modular blocks
 
 
-class NAGWanAnimate2TextEncoderStep(WanAnimate2TextEncoderStep):
-    """``WanAnimate2TextEncoderStep`` that also encodes the NAG negative: NAG's text-encoder step runs this block on
-    a view of the pipeline (not the ``ModularPipeline`` itself) with one string per prompt, a list, where the stock
-    block takes only a ``str``; a one-string list is the same encoding. A call from the pipeline is the stock one."""
-
-    def __call__(self, components, state):
-        prompt = state.get("prompt")
-        if not isinstance(components, ModularPipeline) and isinstance(prompt, list) and len(prompt) == 1:
-            state.set("prompt", prompt[0])  # NAG's own copy of the call's state
-        return super().__call__(components, state)
-
-
 def _nag_rows(block_state, batch, text) -> bool:
     """Whether this guider batch's text carries the NAG negative's rows after the positive's (``2P`` rows for the
     ``P`` rows the prompt was encoded with): the conditional pass of a call in which NAG acts."""
@@ -281,14 +266,13 @@ class NAGWanAnimate2DistilledSegmentDenoiseInner(NAGWanAnimate2SegmentDenoiseInn
 
 # stock block class -> its NAG-aware subclass (exact classes: a user's own subclass is left alone)
 REPLACEMENTS = {
-    WanAnimate2TextEncoderStep: NAGWanAnimate2TextEncoderStep,
     WanAnimate2SegmentDenoiseInner: NAGWanAnimate2SegmentDenoiseInner,
     WanAnimate2DistilledSegmentDenoiseInner: NAGWanAnimate2DistilledSegmentDenoiseInner,
 }
 
 
 def patch_blocks(blocks) -> int:
-    """Replace, in place, every stock Wan Animate 2 text-encoder step and segment denoise block of ``blocks`` (a
+    """Replace, in place, every stock Wan Animate 2 segment denoise block of ``blocks`` (a
     ``WanAnimate2Blocks`` / ``WanAnimate2DistilledBlocks``, or any composition of their blocks) by its NAG-aware
     subclass (``REPLACEMENTS``); returns how many. The subclasses are the stock blocks without NAG, so patched blocks
     run stock calls unchanged.
@@ -309,7 +293,7 @@ def patch_blocks(blocks) -> int:
 
 
 def nag_blocks(blocks):
-    """A deep copy of ``blocks`` with NAG-aware blocks (``patch_blocks``), for composing by hand with
+    """A deep copy of ``blocks`` with NAG-aware denoise blocks (``patch_blocks``), for composing by hand with
     ``modular.NAGTextEncoderStep`` and ``NAGGuidance``::
 
         >>> blocks = nag_blocks(WanAnimate2DistilledBlocks())
@@ -322,14 +306,14 @@ def nag_blocks(blocks):
 
     patched = copy.deepcopy(blocks)
     if not patch_blocks(patched):
-        raise TypeError(f"{type(blocks).__name__} has no Wan Animate 2 text-encoder step or segment denoise block")
+        raise TypeError(f"{type(blocks).__name__} has no Wan Animate 2 segment denoise block")
     return patched
 
 
 def modular_spec():
-    """The ``integrations.modular.ModularSpec`` of Wan Animate 2's blocks (docs/families/wananimate2.md): its text
-    conditioning is ``prompt_embeds`` (one row per prompt, the transformer's ``encoder_hidden_states``); the blocks
-    need ``patch_blocks`` on the copy ``apply_nag`` makes, which ``ModularSpec`` has no field for yet."""
+    """The ``ModularSpec`` of Wan Animate 2's blocks (docs/families/wananimate2.md): the text conditioning is
+    ``prompt_embeds`` (one row per prompt, the transformer's ``encoder_hidden_states``), and ``apply_nag``'s copy of
+    the blocks gets the NAG-aware denoise blocks (``blocks=patch_blocks``)."""
     from ..modular import ModularSpec
 
     return ModularSpec(
@@ -337,4 +321,5 @@ def modular_spec():
         outputs={0: "prompt_embeds"},
         guider_inputs={"prompt_embeds": "encoder_hidden_states"},
         pipelines={name: name for name in BLOCKS},
+        blocks=patch_blocks,
     )
