@@ -135,3 +135,23 @@ def test_without_nag_arguments_scale_one_and_after_removal_the_stock_blocks(pipe
     finally:
         remove_nag(pipe)
     close(generate(pipe), stock, atol=0)
+
+
+def test_every_workflow_denoiser_is_wrapped_both_partitions(pipe):
+    """t2va and fl2va call ``transformer``, ref2va ``transformer_ref``: the family guides both partitions."""
+    apply_nag(pipe)
+    try:
+        wrapped = {}
+
+        def walk(block, path=""):
+            for name, sub in getattr(block, "sub_blocks", {}).items():
+                if isinstance(sub, modular.NAGLoopDenoiser):
+                    wrapped[path + name] = sub.denoiser.transformer_name
+                walk(sub, f"{path}{name}.")
+
+        walk(pipe.blocks)
+        assert wrapped == {"denoise.ref2va.denoise.denoiser": "transformer_ref",
+                           "denoise.fl2va.denoise.denoiser": "transformer",
+                           "denoise.t2va.denoise.denoiser": "transformer"}
+    finally:
+        remove_nag(pipe)

@@ -247,6 +247,7 @@ MINIMAX_H3 = MiniMaxH3Family(
     ),
     pipelines={},
     defaults=DEFAULTS,
+    guided_models=("transformer", "transformer_ref"),  # t2va / fl2va, ref2va: two checkpoint partitions
     timestep_scale=1000.0,
     timestep_value=lambda timestep: 1.0 - timestep.min(),  # t = 1 is clean: the noisiest rows' noise level
     attention_kwargs="attention_kwargs",
