@@ -152,22 +152,28 @@ def test_guided_call_errors_name_the_argument():
         run(model, kw, nag_scale=0.5)
 
 
-def test_parallel_config_is_refused_at_the_guided_call():
+def test_parallel_layouts_and_configs_that_nag_cannot_run_are_refused_at_the_guided_call():
+    # Context parallelism itself runs (tests/test_parallel_minimax_h3.py); here, what is refused, in one process.
+    import types
+
     from diffusers.models._modeling_parallel import (
         ContextParallelConfig,
         ParallelConfig,
     )
 
     model = toy.transformer()
-    kw = toy.inputs()
+    kw = toy.inputs()  # 5 text tokens, 15 media rows
     apply_nag(model, backend="torch")
     config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
     model._parallel_config = config
-    with pytest.raises(NotImplementedError, match="NAG cannot guide this MiniMaxH3Transformer3DModel under"):
+    with pytest.raises(ValueError, match=r"degree 2 needs the text tokens \(encoder_hidden_states: 5\)"):
+        run(model, kw)
+    model._parallel_config = types.SimpleNamespace(tensor_parallel_config=object(), context_parallel_config=None)
+    with pytest.raises(NotImplementedError, match="NAG cannot guide this MiniMaxH3Transformer3DModel under tensor"):
         run(model, kw)
     model._parallel_config = None
-    model.transformer_blocks[1].attn.processor._parallel_config = config  # what enable_parallelism sets
-    with pytest.raises(NotImplementedError, match="NAG cannot guide this call under diffusers' parallelism"):
+    model.transformer_blocks[1].attn.processor._parallel_config = config  # not through enable_parallelism
+    with pytest.raises(RuntimeError, match="context-parallel degree of 2 but the model's parallel config has 1"):
         run(model, kw)
     model.transformer_blocks[1].attn.processor._parallel_config = None
     close(run(model, kw), reference(model, kw))

@@ -42,26 +42,30 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
     _apply_rotary_emb,
 )
 
-from .. import call_state
+from .. import call_state, parallel
 from ..family import Family
 from ..guided import NAGForward, carry_record_into_checkpoints, rows, uncarry
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
-from ..split_attention import branch_join, combine, image_attention
+from ..split_attention import branch_join, combine
 
 DEFAULTS = {"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
+DEGREE = "minimax_h3_degree"  # call_state slot: the guided call's context-parallel degree (_check -> deliver)
 LAYOUT = ("position_ids", "token_tags", "timestep_indices", "video_indices", "audio_indices", "text_indices")
 
 
 @dataclasses.dataclass(frozen=True)
 class MiniMaxH3Forward(NAGForward):
-    """The guided forward's record with the packed layout's row sets (sequence-wide index tensors, ``[T]``, ``[T]``,
-    ``[M]``): the positive text rows, the NAG negative's text rows, the media rows (every other row)."""
+    """The guided forward's record with the context-parallel degree ``degree`` of its packed layout (``deliver``:
+    ``degree`` chunks of ``[positive text, NAG-negative text, media]``, 1 without context parallelism)."""
 
-    text_rows: torch.Tensor | None = None
-    negative_rows: torch.Tensor | None = None
-    media_rows: torch.Tensor | None = None
+    degree: int = 1
+
+    @property
+    def local_text_len(self) -> int:
+        """Text tokens per branch in this rank's chunk of the packed sequence."""
+        return self.text_len // self.degree
 
 
 def unpack(x: torch.Tensor) -> torch.Tensor:
@@ -84,15 +88,20 @@ def fit_text(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, x[:, -1:].expand(-1, length - have, *x.shape[2:])], dim=1)
 
 
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
+def degree_of(config, where: str) -> int:
+    """The context-parallel degree of a parallel config (1 for none); tensor parallelism is refused."""
+    if config is None:
+        return 1
+    if getattr(config, "tensor_parallel_config", None) is not None:
         raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): MiniMax-H3's "
-            "context-parallel plan (_cp_plan) shards the packed sequence contiguously, and NAG's guided layout "
-            "addresses its row sets (positive text, NAG-negative text, media) with sequence-wide indices; NAG's "
-            "MiniMax-H3 integration runs on one process only. Call without NAG arguments, or run NAG without "
-            "enable_parallelism / parallel_config"
+            f"NAG cannot guide {where} under tensor parallelism: NAG's MiniMax-H3 integration supports context "
+            "parallelism (the model's _cp_plan) only. Call without NAG arguments, or run NAG without the "
+            "tensor_parallel_config"
         )
+    cp = getattr(config, "context_parallel_config", None)
+    if cp is None:
+        return 1
+    return (cp.ring_degree or 1) * (cp.ulysses_degree or 1)
 
 
 class NAGMiniMaxH3AttnProcessor(NAGProcessor):
@@ -110,7 +119,12 @@ class NAGMiniMaxH3AttnProcessor(NAGProcessor):
         nag = call_state.record()
         if not isinstance(nag, MiniMaxH3Forward):
             return self.inner(attn, hidden_states, rotary_emb, attention_mask)
-        _refuse_parallel(self._parallel_config, "this call")
+        if degree_of(self._parallel_config, "this call") != nag.degree:
+            raise RuntimeError(
+                f"NAG cannot guide this call: an attention processor runs under a context-parallel degree of "
+                f"{degree_of(self._parallel_config, 'this call')} but the model's parallel config has "
+                f"{nag.degree}; set parallelism with model.enable_parallelism (both, or neither)"
+            )
         if attention_mask is not None:
             raise ValueError("NAG on MiniMax-H3 does not take an attention_mask (the stock model passes none)")
         if rotary_emb is None:  # the token refiner: [B, 2T, C] packed text, each branch on its own
@@ -118,7 +132,8 @@ class NAGMiniMaxH3AttnProcessor(NAGProcessor):
         return self._blocks(attn, hidden_states, rotary_emb, nag)
 
     def _blocks(self, attn, hidden_states, rotary_emb, nag: MiniMaxH3Forward) -> torch.Tensor:
-        # hidden_states [B, S + T, C]: the packed sequence with the NAG negative's text rows appended.
+        # hidden_states [B, 2t + m, C]: this rank's chunk of the packed sequence (deliver): t positive text rows, the
+        # NAG negative's t text rows, m media rows (the whole sequence without context parallelism).
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -127,30 +142,23 @@ class NAGMiniMaxH3AttnProcessor(NAGProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key = _apply_rotary_emb(query, *rotary_emb), _apply_rotary_emb(key, *rotary_emb)
 
-        batch = nag.batch
-        text = torch.cat([nag.text_rows, nag.negative_rows])
-
-        def texts(t):  # [2B, T, H, D]: positive rows, then negative rows
-            return unpack(t.index_select(1, text))
-
-        tq, tk, tv = texts(query), texts(key), texts(value)
-        mq, mk, mv = (t.index_select(1, nag.media_rows) for t in (query, key, value))
-        text_out = self.attend(tq, branch_join(tk, mk), branch_join(tv, mv))  # [2B, T, H * D]
+        batch, split = nag.batch, 2 * nag.local_text_len
+        tq, tk, tv = (unpack(t[:, :split]) for t in (query, key, value))  # [2B, t, H, D]: positive, then negative
+        mq, mk, mv = (t[:, split:] for t in (query, key, value))  # [B, m, H, D]
+        text = self.attend(tq, branch_join(tk, mk), branch_join(tv, mv))  # [2B, t, H * D]
         if nag.mode == "fast" or self.backend_is_torch():
-            media_out = image_attention(mq, mk, mv, tk, tv, nag)  # [B, M, H * D]
+            # [B, m, H * D]; without parallelism split_attention.image_attention
+            media = parallel.image_attention(mq, mk, mv, tk, tv, nag, parallel_config=self._parallel_config)
         else:  # the user's attention backend, each branch over its whole sequence
-            tlen = tq.shape[1]
-            out = self.attend(branch_join(tq, mq), branch_join(tk, mk), branch_join(tv, mv))  # [2B, T + M, H * D]
-            media_out = combine(out[:batch, tlen:].contiguous(), out[batch:, tlen:].contiguous(), nag)
-        out = hidden_states.new_zeros((batch, hidden_states.shape[1], text_out.shape[-1]), dtype=query.dtype)
-        out = out.index_copy(1, text, pack(text_out.to(query.dtype), batch))
-        out = out.index_copy(1, nag.media_rows, media_out.to(query.dtype))
+            out = self.attend(branch_join(tq, mq), branch_join(tk, mk), branch_join(tv, mv))  # [2B, t + m, H * D]
+            media = combine(out[:batch, split // 2:].contiguous(), out[batch:, split // 2:].contiguous(), nag)
+        out = torch.cat([pack(text.to(query.dtype), batch), media.to(query.dtype)], dim=1)
         return attn.to_out[1](attn.to_out[0](out))
 
 
 def _check(model, kw: dict, batch: int) -> None:
     """A guided forward's inputs that the batch rule alone does not catch (also when NAG is off at this step)."""
-    _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
+    degree = degree_of(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
     refiner = model.token_refiner
     if getattr(refiner, "gradient_checkpointing", False):  # its own checkpointing: the record into its recomputation
         carry_record_into_checkpoints(refiner)
@@ -191,6 +199,15 @@ def _check(model, kw: dict, batch: int) -> None:
             f"position_ids) in a NAG call, got {counts['text_indices']} + {counts['video_indices']} + "
             f"{counts['audio_indices']}"
         )
+    media = counts["video_indices"] + counts["audio_indices"]
+    if degree > 1 and (text.shape[1] % degree or media % degree):
+        raise ValueError(
+            f"NAG on MiniMax-H3 under context parallelism of degree {degree} needs the text tokens "
+            f"(encoder_hidden_states: {text.shape[1]}) and the media rows (video_indices + audio_indices: {media}) "
+            f"each divisible by {degree}: every rank holds an equal chunk of positive text, NAG-negative text and "
+            "media rows"
+        )
+    call_state.put(DEGREE, degree)
 
 
 def _patch(model):
@@ -206,17 +223,25 @@ class MiniMaxH3Family(Family):
 
     def deliver(self, kw: dict, extra: dict, record) -> None:
         text, batch = kw[self.text], record.batch
+        degree = call_state.take(DEGREE, 1) or 1
         kw[self.text] = pack(text, batch)
         text_rows, positions = kw["text_indices"], kw["position_ids"]
         length, text_len = positions.shape[0], text.shape[1]
-        negative_rows = torch.arange(length, length + text_len, device=text_rows.device, dtype=text_rows.dtype)
+        device = text_rows.device
+        video, audio = kw["video_indices"].to(device), kw["audio_indices"].to(device)
+        negative_rows = torch.arange(length, length + text_len, device=device, dtype=text_rows.dtype)
+        media_rows = torch.cat([video, audio])
+        # The new order: `degree` chunks of [positive text, negative text, media] (old row ids), and its inverse.
+        order = torch.cat([rows_.reshape(degree, -1) for rows_ in (text_rows, negative_rows, media_rows)], dim=1)
+        order = order.reshape(-1)
+        new = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=device, dtype=order.dtype))
         for name in ("position_ids", "token_tags", "timestep_indices"):
-            kw[name] = torch.cat([kw[name], kw[name].index_select(0, text_rows.to(kw[name].device))])
-        kw["text_indices"] = torch.cat([text_rows, negative_rows])
-        media_rows = torch.cat([kw["video_indices"], kw["audio_indices"].to(kw["video_indices"].device)])
+            rows_ = text_rows.to(kw[name].device)
+            kw[name] = torch.cat([kw[name], kw[name].index_select(0, rows_)]).index_select(0, order.to(kw[name].device))
+        kw["text_indices"] = new.index_select(0, torch.cat([text_rows, negative_rows]))
+        kw["video_indices"], kw["audio_indices"] = new.index_select(0, video), new.index_select(0, audio)
         fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(NAGForward)}
-        record = MiniMaxH3Forward(**fields, text_rows=text_rows, negative_rows=negative_rows, media_rows=media_rows)
-        super().deliver(kw, extra, record)
+        super().deliver(kw, extra, MiniMaxH3Forward(**fields, degree=degree))
 
 
 class MiniMaxH3Prompts(PromptAdapter):
