@@ -95,6 +95,7 @@ class Family:
             (``processor.NAGProcessor`` subclasses); every module of those classes gets one.
         forward_patches, method_patches: the module forwards and methods the family replaces (``ForwardPatch``,
             ``MethodPatch``).
+        modular: the family's modular diffusers blocks (``modular_spec.ModularSpec``), or ``None`` when it has none.
         guided_attention: optional ``guided_attention(name, module) -> bool``: which attention modules of the
             ``processors`` classes a guided forward needs NAG's processor on (default: all; SDXL and Wan: the
             cross-attention ones).
@@ -126,6 +127,7 @@ class Family:
     method_patches: tuple[MethodPatch, ...] = ()
     guided_attention: Callable | None = None
     passes_attention_kwargs: bool = True
+    modular: object = None
 
     def __post_init__(self) -> None:
         if self.token_order not in TOKEN_ORDERS:

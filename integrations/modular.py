@@ -30,9 +30,9 @@ one denoiser step, in ``call_state`` (per thread): never on a shared module, blo
 its own conditional batch. It finds the call's ``NAGCall`` through ``call_state``: ``NAGTextEncoderStep`` leaves it
 there as the call's pending record, and the guider takes it at the first step of its denoise loop (``take_pending``).
 
-Per-family knowledge lives in ``SPECS`` below, keyed by the family's name (a ``ModularSpec`` each): where the
+Per-family knowledge is the family's own declaration, ``Family.modular`` (a ``modular_spec.ModularSpec``): where the
 text-encoder step is, the state names of the positive's per-branch tensors and the guider-input keys the family's
-denoise blocks use for them. It moves onto ``Family`` once the family declaration has a field for it.
+denoise blocks use for them. ``SPECS`` (by family name) declares modular blocks for a family from outside its module.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Callable
 
 import torch
 from diffusers.modular_pipelines import ModularPipeline, ModularPipelineBlocks, PipelineState
@@ -50,6 +49,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, Outpu
 from . import call_state
 from .config import NAGConfig
 from .guided import rows, state_of
+from .modular_spec import ModularSpec, join_lists  # noqa: F401  (ModularSpec re-exported)
 from .pipeline import PIPELINE_CONFIG, SETTINGS, _broadcast, per_prompt
 from .registry import family_for
 
@@ -62,107 +62,12 @@ _JOINED = "modular_nag_joined"
 NO_NAG = "off"  # the pending record of a call in which NAG does not act
 
 
-@dataclasses.dataclass(frozen=True)
-class ModularSpec:
-    """What NAG needs to know about one family's modular blocks.
-
-    Attributes:
-        outputs: ``encode_prompt`` result index (the family ``PromptAdapter``'s ``embeds`` / ``per_branch`` indices)
-            -> the name of the same tensor in the modular pipeline's state (``{0: "prompt_embeds", 1:
-            "pooled_prompt_embeds"}``).
-        guider_inputs: state name -> the key under which the family's denoise blocks hand that tensor to
-            ``guider.prepare_inputs`` (``"encoder_hidden_states"``; SDXL: ``"prompt_embeds"``). Blocks that call
-            ``prepare_inputs_from_block_state`` use the state names themselves.
-        text_encoder: the top-level sub-block that encodes the prompt.
-        pipelines: modular blocks class name -> the classic pipeline whose recommended settings apply
-            (``{"FluxKontextAutoBlocks": "FluxKontextPipeline"}``).
-        unconditional: run the text-encoder block with unconditional embeddings even when the guider needs none
-            (Wan, LTX-Video: on diffusers 0.42.1 their denoise steps require the negative embeddings, so their stock
-            modular pipelines cannot run with CFG off; ``WanTextEncoderStep`` even fails without them).
-        join: optional ``join(positive, negative)`` for families whose per-branch conditioning is not one tensor
-            per row set (Z-Image: a list of ``[L_i, D]`` tensors): ``positive`` and ``negative`` map state names to
-            values with ``B`` rows each.
-        model_names: the ``model_name`` of the family's modular blocks (a ``NAGTextEncoderStep`` built on one of
-            its text-encoder blocks knows its family, and so its inputs, before the pipeline has components).
-        step_rows: give the loop denoiser the step's ``t`` with one row per latent row in a NAG call (FLUX.1: the
-            modular ``FluxLoopDenoiser`` passes ``timestep=t.flatten() / 1000``, one row, which the transformer
-            broadcasts; the guided forward wants ``B`` or ``2B`` rows of it, as the classic pipeline passes).
-        per_branch: the state names of the per-branch tensors when they are not those of the family adapter's
-            ``per_branch`` indices in ``outputs`` (LTX-2: three connector outputs); the first gives the prompt count.
-            Such a family gives ``join`` too, or names only ``outputs`` values.
-        blocks: optional ``blocks(patched)``: the family's own changes to the copy of the blocks ``apply_nag`` makes,
-            before the NAG step is inserted and the denoisers are wrapped (Wan Animate 2).
-    """
-
-    outputs: dict
-    guider_inputs: dict
-    model_names: tuple[str, ...] = ()
-    step_rows: bool = False
-    per_branch: tuple[str, ...] = ()
-    blocks: Callable | None = None
-    text_encoder: str = "text_encoder"
-    pipelines: dict = dataclasses.field(default_factory=dict)
-    unconditional: bool = False
-    join: Callable | None = None
+SPECS: dict[str, ModularSpec] = {}  # by ``Family.name``: declarations for families that do not declare their own
 
 
-def _join_lists(positive: dict, negative: dict) -> dict:
-    return {name: [*positive[name], *negative[name]] for name in positive}
-
-
-# Per family (by ``Family.name``): the modular declaration. Families without an entry are refused by apply_nag.
-SPECS: dict[str, ModularSpec] = {
-    "FLUX.1": ModularSpec(
-        model_names=("flux", "flux-kontext"),
-        outputs={0: "prompt_embeds", 1: "pooled_prompt_embeds"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
-        pipelines={"FluxKontextAutoBlocks": "FluxKontextPipeline"},
-        step_rows=True,
-    ),
-    "Qwen-Image": ModularSpec(
-        model_names=("qwenimage", "qwenimage-edit", "qwenimage-edit-plus", "qwenimage-layered"),
-        outputs={0: "prompt_embeds", 1: "prompt_embeds_mask"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
-    ),
-    "Wan 2.1 / 2.2": ModularSpec(
-        model_names=("wan", "wan-vace", "wan-i2v"),
-        outputs={0: "prompt_embeds"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
-        unconditional=True,
-    ),
-    "FLUX.2": ModularSpec(
-        model_names=("flux2", "flux2-klein"),
-        outputs={0: "prompt_embeds"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
-    ),
-    "SDXL": ModularSpec(
-        model_names=("stable-diffusion-xl",),
-        outputs={0: "prompt_embeds"},
-        guider_inputs={"prompt_embeds": "prompt_embeds"},
-    ),
-    "SD3": ModularSpec(
-        model_names=("stable-diffusion-3",),
-        outputs={0: "prompt_embeds", 2: "pooled_prompt_embeds"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds"},
-    ),
-    "Z-Image": ModularSpec(
-        model_names=("z-image",),
-        outputs={0: "prompt_embeds"},
-        guider_inputs={"prompt_embeds": "cap_feats"},
-        join=_join_lists,
-    ),
-    "FLUX.3": ModularSpec(  # Flux3AutoBlocks (CFG guider), Flux3DistilledAutoBlocks (no guider)
-        outputs={0: "prompt_embeds"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
-        model_names=("flux3", "flux3-distilled"),
-    ),
-    "LTX-Video": ModularSpec(
-        model_names=("ltx",),
-        outputs={0: "prompt_embeds", 1: "prompt_attention_mask"},
-        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"},
-        unconditional=True,
-    ),
-}
+def declared(family) -> ModularSpec | None:
+    """The family's modular declaration (``SPECS`` first, then ``Family.modular``), or ``None``."""
+    return SPECS.get(family.name) or getattr(family, "modular", None)
 
 
 def family_named(model_name: str | None):
@@ -170,7 +75,7 @@ def family_named(model_name: str | None):
     from .registry import families
 
     for family in families():
-        spec = SPECS.get(family.name)
+        spec = declared(family)
         if spec is not None and model_name in spec.model_names:
             return family
     return None
@@ -180,12 +85,23 @@ def is_modular(obj) -> bool:
     return isinstance(obj, ModularPipeline)
 
 
+def _prompt_count(prompt, positive) -> int:
+    """How many prompts the call has: from the call's ``prompt`` (a string or a list) where it gave one, else the
+    rows of its pre-encoded conditioning (a text-encoder step may already have repeated the rows per image)."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return len(prompt)
+    return rows(positive)
+
+
 def spec_for(family) -> ModularSpec:
-    spec = SPECS.get(family.name)
+    spec = declared(family)
     if spec is None:
-        raise TypeError(
-            f"NAG does not support {family.name}'s modular blocks yet; modular families: {', '.join(sorted(SPECS))}"
-        )
+        from .registry import families
+
+        names = sorted(f.name for f in families() if declared(f) is not None)
+        raise TypeError(f"NAG does not support {family.name}'s modular blocks yet; modular families: {', '.join(names)}")
     return spec
 
 
@@ -441,7 +357,7 @@ class NAGTextEncoderStep(ModularPipelineBlocks):
                 f"the NAG text-encoder step found no {first} in the pipeline state: insert it after the step that "
                 "encodes the prompt"
             )
-        prompts = rows(positive)
+        prompts = _prompt_count(state.get("prompt"), positive)
         if any(negatives.get(name) is not None for name in adapter.embeds):
             negative = {embed_state[name]: negatives[name] for name in adapter.embeds}
         else:

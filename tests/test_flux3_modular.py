@@ -1,7 +1,5 @@
 """apply_nag on FLUX.3's modular blocks (Flux3AutoBlocks with its CFG guider on and off, Flux3DistilledAutoBlocks
-without a guider), with the modular table entry this family needs (``MODULAR_SPEC``, added to
-``integrations.modular.SPECS`` for the test: that table is the core's) and the two core changes it needs
-(``core_support`` below, emulated for these tests only; ``test_the_core_as_it_is`` pins what fails without them).
+without a guider), through the family's own modular declaration (``Family.modular``).
 
 Against the float64 reference: the stock blocks run with the transformer's forward replaced by the 2B-layout reference
 (``flux3_reference``), its conditional call given the NAG negative encoded by diffusers' own text encoding **on the
@@ -23,80 +21,21 @@ from diffusers.modular_pipelines import (
     ComponentsManager,
     Flux3AutoBlocks,
     Flux3DistilledAutoBlocks,
-    ModularPipelineBlocks,
 )
 from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
 from flux3_toy import float64_throughout  # noqa: F401  (fixture)
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from modular_toy import generator
-from nag_kernels.integrations import NAGGuidance, apply_nag, modular, remove_nag
+from nag_kernels.integrations import NAGGuidance, apply_nag, remove_nag
 from nag_kernels.integrations.guided import state_of
 from nag_kernels.integrations.modular import NAGTextEncoderStep
 
-pytestmark = pytest.mark.usefixtures("single_thread", "float64_throughout", "flux3_spec")
+pytestmark = pytest.mark.usefixtures("single_thread", "float64_throughout")
 
-# The entry FLUX.3 needs in integrations/modular.py's SPECS (keyed by Family.name). Both block sets use the family's
-# recommended settings (no classic pipeline).
-MODULAR_SPEC = modular.ModularSpec(
-    model_names=("flux3", "flux3-distilled"),
-    outputs={0: "prompt_embeds"},
-    guider_inputs={"prompt_embeds": "encoder_hidden_states"},
-)
 
 COMMON = dict(height=flux3_toy.SIZE, width=flux3_toy.SIZE, num_inference_steps=2)
 NEGATIVE = "blurry dark low quality"
 LONG = " ".join(["red blue sky snow fox bright sharp"] * 12)  # 84 words: a second 80-token window
-
-
-@pytest.fixture
-def flux3_spec(monkeypatch):
-    monkeypatch.setitem(modular.SPECS, "FLUX.3", modular.SPECS.get("FLUX.3", MODULAR_SPEC))
-
-
-class _SyncedFields(ModularPipelineBlocks):
-    """Core change 1 (emulated): FLUX.3's loop denoisers read the text from ``block_state.denoiser_input_fields`` (a
-    ``kwargs_type`` dict), not from ``block_state.prompt_embeds``; ``NAGLoopDenoiser`` must update that dict too. This
-    wrapper mirrors the block state's attributes into the dict for the denoiser's call (a no-op when they agree)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-        self.model_name = getattr(block, "model_name", None)
-
-    description = property(lambda self: self.block.description)
-    expected_components = property(lambda self: self.block.expected_components)
-    expected_configs = property(lambda self: self.block.expected_configs)
-    inputs = property(lambda self: self.block.inputs)
-    intermediate_outputs = property(lambda self: self.block.intermediate_outputs)
-
-    def __call__(self, components, block_state, **kwargs):
-        fields = getattr(block_state, "denoiser_input_fields", None)
-        if not isinstance(fields, dict):
-            return self.block(components, block_state, **kwargs)
-        saved = dict(fields)
-        fields.update({name: getattr(block_state, name) for name in fields if hasattr(block_state, name)})
-        try:
-            return self.block(components, block_state, **kwargs)
-        finally:
-            fields.clear()
-            fields.update(saved)
-
-
-@pytest.fixture
-def core_support(monkeypatch):
-    """The two core changes FLUX.3 needs, emulated: (1) ``_SyncedFields`` around every wrapped loop denoiser; (2)
-    ``NAGTextEncoderStep`` hands a text-encoder block that takes one prompt per call (FLUX.3's: ``prompt`` must be a
-    ``str``) the negative as a string: ``per_prompt`` gives one string for one prompt."""
-    init = modular.NAGLoopDenoiser.__init__
-    monkeypatch.setattr(modular.NAGLoopDenoiser, "__init__",
-                        lambda self, denoiser: init(self, _SyncedFields(denoiser)))
-    per_prompt = modular.per_prompt
-
-    def one_string(name, value, prompts):
-        values = per_prompt(name, value, prompts)
-        return values[0] if values is not None and prompts == 1 else values
-
-    monkeypatch.setattr(modular, "per_prompt", one_string)
 
 
 def pipeline(blocks_cls=Flux3AutoBlocks, cfg: float | None = 3.5, manager=None):
@@ -175,7 +114,6 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("core_support")
 @pytest.mark.parametrize("cfg", [3.5, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_auto_blocks_match_the_reference(case, cfg):
@@ -208,7 +146,6 @@ def test_auto_blocks_match_the_reference(case, cfg):
     assert state_of(pipe.transformer) is None
 
 
-@pytest.mark.usefixtures("core_support")
 @pytest.mark.parametrize("case", ["one prompt", "images per prompt", "negative padded", "reference image"])
 def test_distilled_blocks_match_the_reference(case):
     # The step-distilled flow map runs without CFG: NAG is its only negative prompt.
@@ -231,7 +168,6 @@ def test_distilled_blocks_match_the_reference(case):
     assert torch.equal(latents(pipe, prompt, **plain), stock)
 
 
-@pytest.mark.usefixtures("core_support")
 @pytest.mark.parametrize("blocks_cls", [Flux3AutoBlocks, Flux3DistilledAutoBlocks])
 def test_stock_without_nag_arguments_and_after_remove_nag(blocks_cls):
     pipe = pipeline(blocks_cls)
@@ -247,7 +183,6 @@ def test_stock_without_nag_arguments_and_after_remove_nag(blocks_cls):
     assert torch.equal(latents(pipe, **kw), stock)
 
 
-@pytest.mark.usefixtures("core_support")
 def test_negative_equal_to_the_prompt_reproduces_the_stock_blocks():
     pipe = pipeline(Flux3DistilledAutoBlocks)
     stock = latents(pipe, "a red cat")
@@ -255,7 +190,6 @@ def test_negative_equal_to_the_prompt_reproduces_the_stock_blocks():
     torch.testing.assert_close(latents(pipe, "a red cat", nag_negative_prompt="a red cat"), stock, rtol=0, atol=1e-12)
 
 
-@pytest.mark.usefixtures("core_support")
 def test_pre_encoded_negative_of_any_window():
     pipe = pipeline(Flux3DistilledAutoBlocks)
     apply_nag(pipe, backend="torch")
@@ -265,7 +199,6 @@ def test_pre_encoded_negative_of_any_window():
                                    atol=1e-12)
 
 
-@pytest.mark.usefixtures("core_support")
 def test_nag_guidance_with_the_nag_text_encoder_step_composed_by_hand():
     # NAGGuidance joins the NAG rows in its own conditional batch (the guider inputs: core change 2 only).
     applied = pipeline(cfg=3.5)
@@ -283,7 +216,6 @@ def test_nag_guidance_with_the_nag_text_encoder_step_composed_by_hand():
     torch.testing.assert_close(latents(pipe, **kw), want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.usefixtures("core_support")
 def test_components_manager_auto_offload(monkeypatch):
     # The CPU has no memory query (diffusers asks torch.accelerator): give it one, so that the manager installs its
     # hooks and moves the models to the "execution device" around each forward.
@@ -302,7 +234,6 @@ def test_components_manager_auto_offload(monkeypatch):
     manager.disable_auto_cpu_offload()
 
 
-@pytest.mark.usefixtures("core_support")
 def test_bad_nag_arguments_name_the_argument():
     pipe = pipeline(Flux3DistilledAutoBlocks)
     apply_nag(pipe, backend="torch")
@@ -319,11 +250,8 @@ def test_bad_nag_arguments_name_the_argument():
             latents(pipe, nag_negative_prompt="x", nag_negative_prompt_embeds=torch.zeros(1, 80, 128))
 
 
-@pytest.mark.xfail(reason="core: NAGTextEncoderStep passes FLUX.3's one-prompt text-encoder step a list (it takes a "
-                          "str), and NAGLoopDenoiser leaves denoiser_input_fields (where FLUX.3's loop denoisers read "
-                          "the text) without the NAG rows", raises=(ValueError, AssertionError), strict=False)
 @pytest.mark.parametrize("blocks_cls", [Flux3AutoBlocks, Flux3DistilledAutoBlocks])
-def test_the_core_as_it_is(blocks_cls):
+def test_nag_acts_on_both_block_sets(blocks_cls):
     pipe = pipeline(blocks_cls)
     stock = latents(pipe)
     apply_nag(pipe, backend="torch")

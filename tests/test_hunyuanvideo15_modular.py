@@ -24,34 +24,21 @@ from diffusers.modular_pipelines.hunyuan_video1_5.modular_blocks_hunyuan_video1_
 from diffusers.modular_pipelines.hunyuan_video1_5.modular_pipeline import HunyuanVideo15ModularPipeline
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from modular_toy import generator
-from nag_kernels.integrations import NAGGuidance, apply_nag, modular, remove_nag
+from nag_kernels.integrations import NAGGuidance, apply_nag, remove_nag
 from nag_kernels.integrations.guided import state_of
-from nag_kernels.integrations.modular import ModularSpec, NAGTextEncoderStep
+from nag_kernels.integrations.modular import NAGTextEncoderStep
 from test_hunyuanvideo15_pipeline import NEGATIVE, PROMPT, encoded, reference_forward
 
 pytestmark = pytest.mark.usefixtures("single_thread", "hunyuanvideo15_modular")
 
-# The entry integrations/modular.py needs for this family (SPECS["HunyuanVideo 1.5"]). unconditional: diffusers
-# 0.42.1's HunyuanVideo15TextEncoderStep fails without unconditional embeddings (CFG off: "Intermediate output
-# 'negative_prompt_embeds' is missing"), so the NAG negative is encoded as if CFG were on (its unconditional half
-# dropped), as for Wan.
-SPEC = ModularSpec(
-    model_names=("hunyuan-video-1.5",),
-    outputs={0: "prompt_embeds", 1: "prompt_embeds_mask", 2: "prompt_embeds_2", 3: "prompt_embeds_mask_2"},
-    guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_attention_mask",
-                   "prompt_embeds_2": "encoder_hidden_states_2", "prompt_embeds_mask_2": "encoder_attention_mask_2"},
-    unconditional=True,
-)
 T2V = dict(height=32, width=48, num_frames=5, num_inference_steps=2)
 I2V = dict(num_frames=5, num_inference_steps=2)
 
 
 @pytest.fixture
 def hunyuanvideo15_modular(monkeypatch):
-    """The family's ModularSpec, and the modular pipeline's fixed lengths shrunk like the classic toy pipelines'
+    """The modular pipeline's fixed lengths shrunk like the classic toy pipelines'
     (class properties there, instance attributes on the classic pipelines)."""
-    if "HunyuanVideo 1.5" not in modular.SPECS:
-        monkeypatch.setitem(modular.SPECS, "HunyuanVideo 1.5", SPEC)
     for name, value in (("tokenizer_max_length", toy.MLLM_TOKENS), ("tokenizer_2_max_length", toy.BYT5_TOKENS),
                         ("system_message", toy.SYSTEM), ("vision_num_semantic_tokens", toy.IMAGE_TOKENS)):
         monkeypatch.setattr(HunyuanVideo15ModularPipeline, name, property(lambda self, v=value: v))
@@ -114,9 +101,6 @@ def test_image_to_video_blocks_match_the_independent_computation(blocks_cls, cfg
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-@pytest.mark.xfail(reason="core: NAGTextEncoderStep counts the prompts as the rows of prompt_embeds, which "
-                          "HunyuanVideo15TextEncoderStep has already repeated num_videos_per_prompt times, so the "
-                          "NAG negative gets num_videos_per_prompt^2 rows per prompt", raises=ValueError, strict=False)
 def test_image_to_video_blocks_with_videos_per_prompt():
     classic = toy.pipeline(True, guidance_scale=1.0)
     pipe = modular_toy.modular(HunyuanVideo15Image2VideoBlocks, classic)

@@ -1,6 +1,5 @@
 """apply_nag on Krea 2's modular blocks (Krea2AutoBlocks with its CFG guider on and off, Krea2TurboAutoBlocks without
-a guider), with the modular table entry this family needs (``MODULAR_SPEC``, added to ``integrations.modular.SPECS``
-for the test: that table is the core's): bit-identical to the classic Krea2Pipeline from the same components with NAG
+a guider), through the family's own modular declaration (``Family.modular``): bit-identical to the classic Krea2Pipeline from the same components with NAG
 (nag_end, batches with num_images_per_prompt), NAG on the conditional pass only, the stock blocks reproduced without
 NAG arguments, remove_nag exact."""
 
@@ -14,26 +13,14 @@ import krea2_toy
 import modular_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from modular_toy import generator
-from nag_kernels.integrations import apply_nag, modular, remove_nag
+from nag_kernels.integrations import apply_nag, remove_nag
 from nag_kernels.integrations.guided import state_of
 
-pytestmark = pytest.mark.usefixtures("single_thread", "krea2_spec")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-# The entry Krea 2 needs in integrations/modular.py's SPECS (keyed by Family.name).
-MODULAR_SPEC = modular.ModularSpec(
-    model_names=("krea2",),
-    outputs={0: "prompt_embeds", 1: "prompt_embeds_mask"},
-    guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_attention_mask"},
-    pipelines={"Krea2AutoBlocks": "Krea2Pipeline", "Krea2TurboAutoBlocks": "Krea2Pipeline"},
-)
 
 COMMON = dict(height=krea2_toy.SIZE, width=krea2_toy.SIZE, num_inference_steps=2,
               max_sequence_length=krea2_toy.SEQ_LEN)
-
-
-@pytest.fixture
-def krea2_spec(monkeypatch):
-    monkeypatch.setitem(modular.SPECS, "Krea2", modular.SPECS.get("Krea2", MODULAR_SPEC))
 
 
 def classic_latents(pipe, prompt, cfg, **kw):

@@ -24,7 +24,7 @@ from diffusers.modular_pipelines import LTX2AutoBlocks
 import ltx2_toy
 import modular_toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
-from nag_kernels.integrations import apply_nag, modular, remove_nag
+from nag_kernels.integrations import apply_nag, remove_nag
 from test_ltx2_pipeline import connector_outputs, reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,39 +34,6 @@ KW = dict(height=ltx2_toy.SIZE, width=ltx2_toy.SIZE, num_frames=ltx2_toy.FRAMES,
           num_inference_steps=2, max_sequence_length=ltx2_toy.SEQ_LEN)
 
 
-def _join(positive, negative):
-    """The NAG negative's rows after the positive's, for each of the three tensors (``negative``: a tensor or the
-    core's per-image list)."""
-    if any(negative.get(name) is None for name in positive):
-        raise ValueError(
-            "LTX-2's modular blocks take nag_negative_prompt (text): their conditioning is the connectors' three "
-            "outputs, and pre-encoded NAG negatives are the classic pipelines' Gemma embeddings")
-
-    def rows(name):
-        x = negative[name]
-        if isinstance(x, (list, tuple)):
-            x = torch.cat([e if e.dim() == positive[name].dim() else e[None] for e in x])
-        return x.to(device=positive[name].device, dtype=positive[name].dtype)
-
-    return {name: torch.cat([positive[name], rows(name)]) for name in positive}
-
-
-LTX2_SPEC = modular.ModularSpec(
-    model_names=("ltx2", "ltx2.5"),
-    outputs={0: "connector_prompt_embeds", 1: "connector_attention_mask", 2: "connector_audio_prompt_embeds"},
-    per_branch=NAMES,
-    guider_inputs={"connector_prompt_embeds": "encoder_hidden_states",
-                   "connector_audio_prompt_embeds": "audio_encoder_hidden_states",
-                   "connector_attention_mask": "encoder_attention_mask"},
-    join=_join,
-    pipelines={"LTX2AutoBlocks": "LTX2Pipeline", "LTX2Blocks": "LTX2Pipeline", "LTX25AutoBlocks": "LTX2Pipeline"},
-)
-
-
-@pytest.fixture(autouse=True)
-def _spec(monkeypatch):
-    if "LTX-2" not in modular.SPECS:
-        monkeypatch.setitem(modular.SPECS, "LTX-2", LTX2_SPEC)
 
 
 def guiders(cfg: bool):

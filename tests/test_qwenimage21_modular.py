@@ -17,29 +17,14 @@ import modular_toy
 from diffusers.modular_pipelines import QwenImage21AutoBlocks, QwenImage21TurboAutoBlocks
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from modular_toy import generator
-from nag_kernels.integrations import apply_nag, modular, remove_nag
+from nag_kernels.integrations import apply_nag, remove_nag
 
-pytestmark = pytest.mark.usefixtures("single_thread", "qwenimage21_spec")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-# The entry Qwen-Image 2.1 needs in integrations/modular.py's SPECS (keyed by Family.name). Output 2, the prompt's
-# image_pad_mask, is a per-branch output of the family's PromptAdapter: NAG's join returns it unchanged (the prompt
-# keeps its layout) after checking the NAG negative's vision slots against it; the denoise blocks build img_mask
-# from it.
-MODULAR_SPEC = modular.ModularSpec(
-    model_names=("qwenimage21", "qwenimage21-turbo"),
-    outputs={0: "prompt_embeds", 1: "prompt_embeds_mask", 2: "image_pad_mask"},
-    guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
-    pipelines={"QwenImage21AutoBlocks": "QwenImage21Pipeline", "QwenImage21TurboAutoBlocks": "QwenImage21Pipeline"},
-)
 
 SIZE = 64
 COMMON = dict(height=SIZE, width=SIZE, sigmas=[1.0, 0.7, 0.4])
 PROMPT = "a red cat on a wooden chair"
-
-
-@pytest.fixture
-def qwenimage21_spec(monkeypatch):
-    monkeypatch.setitem(modular.SPECS, "Qwen-Image 2.1", modular.SPECS.get("Qwen-Image 2.1", MODULAR_SPEC))
 
 
 def image():

@@ -45,6 +45,7 @@ from nag_kernels.compute import records_grad
 from .. import forward_patch, parallel
 from ..family import Family, ForwardPatch
 from ..guided import NAGForward, as_kwargs
+from ..modular_spec import ModularSpec
 from ..modulation import positive_rows_forward
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
@@ -208,6 +209,27 @@ def _check(model: FluxTransformer2DModel, kw: dict, batch: int) -> None:
 
 FLUX = Family(
     name="FLUX.1",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("flux", "flux-kontext"),
+
+
+        outputs={0: "prompt_embeds", 1: "pooled_prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
+
+
+        pipelines={"FluxKontextAutoBlocks": "FluxKontextPipeline"},
+
+
+        step_rows=True,
+
+
+    ),
     models=(FluxTransformer2DModel,),
     token_order="text_first",
     acts_in="the joint attention of the double-stream blocks (image outputs) and of the single-stream blocks",

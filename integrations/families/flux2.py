@@ -43,6 +43,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 from .. import parallel
 from ..family import Family
 from ..guided import NAGForward
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -225,6 +226,21 @@ class Flux2Family(Family):
 
 FLUX2 = Flux2Family(
     name="FLUX.2",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("flux2", "flux2-klein"),
+
+
+        outputs={0: "prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
+
+
+    ),
     models=(Flux2Transformer2DModel,),
     token_order="text_first",
     acts_in="the joint attention of the double-stream and the fused single-stream blocks (image outputs), the "

@@ -46,6 +46,7 @@ from diffusers.models.transformers.transformer_flux3 import (
 from .. import call_state
 from ..family import Family, MethodPatch
 from ..guided import NAGForward, rows
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -225,6 +226,21 @@ def _joint_attentions(model):
 
 FLUX3 = Flux3Family(
     name="FLUX.3",
+
+
+    modular=ModularSpec(  # Flux3AutoBlocks (CFG guider), Flux3DistilledAutoBlocks (no guider)
+
+
+        outputs={0: "prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
+
+
+        model_names=("flux3", "flux3-distilled"),
+
+
+    ),
     models=(Flux3Transformer2DModel,),
     token_order="text_first",
     acts_in="the attention of the single-stream blocks (the image and reference tokens' outputs, where they enter "

@@ -50,6 +50,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 from .. import call_state, forward_patch
 from ..family import Family, ForwardPatch
 from ..guided import as_kwargs, rows
+from ..modular_spec import ModularSpec
 from ..modulation import positive_rows_forward
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
@@ -233,6 +234,27 @@ class HunyuanVideo15PromptAdapter(PromptAdapter):
 
 HUNYUANVIDEO15 = Family(
     name="HunyuanVideo 1.5",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("hunyuan-video-1.5",),
+
+
+        outputs={0: "prompt_embeds", 1: "prompt_embeds_mask", 2: "prompt_embeds_2", 3: "prompt_embeds_mask_2"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_attention_mask",
+
+
+                       "prompt_embeds_2": "encoder_hidden_states_2", "prompt_embeds_mask_2": "encoder_attention_mask_2"},
+
+
+        unconditional=True,  # the stock text-encoder step fails without CFG's embeddings
+
+
+    ),
     models=(HunyuanVideo15Transformer3DModel,),
     token_order="image_first",
     acts_in="the joint attention of every dual-stream block (video outputs); the text stream (token refiner, ByT5 "

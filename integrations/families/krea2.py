@@ -46,6 +46,7 @@ from diffusers.models.transformers.transformer_krea2 import (
 from .. import call_state, forward_patch
 from ..family import Family, ForwardPatch
 from ..guided import NAGForward, as_kwargs, rows
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -218,6 +219,24 @@ class Krea2Family(Family):
 
 KREA2 = Krea2Family(
     name="Krea2",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("krea2",),
+
+
+        outputs={0: "prompt_embeds", 1: "prompt_embeds_mask"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_attention_mask"},
+
+
+        pipelines={"Krea2AutoBlocks": "Krea2Pipeline", "Krea2TurboAutoBlocks": "Krea2Pipeline"},
+
+
+    ),
     models=(Krea2Transformer2DModel,),
     token_order="text_first",
     acts_in="the attention of the single-stream blocks (image outputs after the sigmoid output gate, where they "

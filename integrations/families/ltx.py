@@ -27,6 +27,7 @@ from diffusers.models.transformers.transformer_ltx import (
 from .. import call_state, cross_attention, forward_patch
 from ..family import Family, ForwardPatch
 from ..guided import as_kwargs
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -80,6 +81,18 @@ def _check(model, kw: dict, batch: int) -> None:
 
 LTX = Family(
     name="LTX-Video",
+
+    modular=ModularSpec(
+
+        model_names=("ltx",),
+
+        outputs={0: "prompt_embeds", 1: "prompt_attention_mask"},
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"},
+
+        unconditional=True,
+
+    ),
     models=(LTXVideoTransformer3DModel,),
     token_order="cross_attention",
     acts_in="the text cross-attention attn2 of every block, each branch with its own text mask",

@@ -60,6 +60,7 @@ from diffusers.models.transformers.transformer_ltx2 import (
 from .. import call_state, cross_attention, forward_patch
 from ..family import Family, ForwardPatch, MethodPatch
 from ..guided import as_kwargs, rows
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -341,8 +342,80 @@ def _check(model, kw: dict, batch: int) -> None:
             "fails there too); pass None (e.g. connectors with learnable registers give all-ones masks)")
 
 
+_MODULAR_STATE = ("connector_prompt_embeds", "connector_audio_prompt_embeds", "connector_attention_mask")
+
+
+def _modular_join(positive: dict, negative: dict) -> dict:
+    """``ModularSpec.join`` of LTX-2's modular blocks: the NAG negative's rows after the positive's, for each of the
+    connectors' three outputs (``negative``: a tensor or the core's per-image list)."""
+    if any(negative.get(name) is None for name in positive):
+        raise ValueError(
+            "LTX-2's modular blocks take nag_negative_prompt (text): their conditioning is the connectors' three "
+            "outputs, and pre-encoded NAG negatives are the classic pipelines' Gemma embeddings")
+
+    def rows(name):
+        x = negative[name]
+        if isinstance(x, (list, tuple)):
+            x = torch.cat([e if e.dim() == positive[name].dim() else e[None] for e in x])
+        return x.to(device=positive[name].device, dtype=positive[name].dtype)
+
+    return {name: torch.cat([positive[name], rows(name)]) for name in positive}
+
+
+
+
 LTX2 = Family(
     name="LTX-2",
+
+
+
+
+    modular=ModularSpec(
+
+
+
+
+        model_names=("ltx2", "ltx2.5"),
+
+
+
+
+        outputs={0: "connector_prompt_embeds", 1: "connector_attention_mask", 2: "connector_audio_prompt_embeds"},
+
+
+
+
+        per_branch=_MODULAR_STATE,
+
+
+
+
+        guider_inputs={"connector_prompt_embeds": "encoder_hidden_states",
+
+
+
+
+                       "connector_audio_prompt_embeds": "audio_encoder_hidden_states",
+
+
+
+
+                       "connector_attention_mask": "encoder_attention_mask"},
+
+
+
+
+        join=_modular_join,
+
+
+
+
+        pipelines={"LTX2AutoBlocks": "LTX2Pipeline", "LTX2Blocks": "LTX2Pipeline", "LTX25AutoBlocks": "LTX2Pipeline"},
+
+
+
+
+    ),
     models=(LTX2VideoTransformer3DModel,),
     token_order="cross_attention",
     acts_in="the text cross-attentions attn2 (video) and audio_attn2 (audio) of every block, each branch with its "

@@ -28,6 +28,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 
 from ..family import Family, MethodPatch
+from ..modular_spec import ModularSpec
 from ..modulation import extend_rows
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
@@ -159,6 +160,21 @@ class QwenPromptAdapter(PromptAdapter):
 
 QWENIMAGE = Family(
     name="Qwen-Image",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("qwenimage", "qwenimage-edit", "qwenimage-edit-plus", "qwenimage-layered"),
+
+
+        outputs={0: "prompt_embeds", 1: "prompt_embeds_mask"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
+
+
+    ),
     models=(QwenImageTransformer2DModel,),
     token_order="text_first",
     acts_in="the joint attention of every double-stream block (image outputs, edit reference tokens included)",

@@ -52,6 +52,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 from .. import call_state, forward_patch
 from ..family import Family, ForwardPatch
 from ..guided import NAGForward, as_kwargs
+from ..modular_spec import ModularSpec
 from ..parallel import tp_group_of
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
@@ -369,6 +370,24 @@ class QwenImage21Prompts(PromptAdapter):
 
 QWENIMAGE21 = QwenImage21Family(
     name="Qwen-Image 2.1",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("qwenimage21", "qwenimage21-turbo"),
+
+
+        outputs={0: "prompt_embeds", 1: "prompt_embeds_mask", 2: "image_pad_mask"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
+
+
+        pipelines={"QwenImage21AutoBlocks": "QwenImage21Pipeline", "QwenImage21TurboAutoBlocks": "QwenImage21Pipeline"},
+
+
+    ),
     models=(QwenImage21Transformer2DModel,),
     token_order="text_first",
     acts_in="the attention of the target image's tokens in every block, over the target and each branch's own "

@@ -27,6 +27,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..family import Family, ForwardPatch
 from ..guided import rows
+from ..modular_spec import ModularSpec
 from ..modulation import text_rows_forward
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
@@ -138,6 +139,21 @@ class SD3Family(Family):
 
 SD3 = SD3Family(
     name="SD3",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("stable-diffusion-3",),
+
+
+        outputs={0: "prompt_embeds", 2: "pooled_prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds"},
+
+
+    ),
     models=(SD3Transformer2DModel,),
     token_order="image_first",
     acts_in="the joint attention of every block (image outputs); SD3.5's image self-attention attn2 unguided",

@@ -34,6 +34,7 @@ from diffusers.models.attention_processor import (
 from .. import cross_attention
 from ..family import Family
 from ..guided import NAGForward
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..processor_setters import setter_patches
@@ -124,6 +125,21 @@ def _check(model, kw: dict, batch: int) -> None:
 
 SDXL = Family(
     name="SDXL",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("stable-diffusion-xl",),
+
+
+        outputs={0: "prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "prompt_embeds"},
+
+
+    ),
     models=(UNet2DConditionModel,),
     token_order="cross_attention",
     acts_in="the text cross-attention attn2 of every transformer block (pooled text embeddings and time ids stay "

@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_wan import (
 from .. import call_state, cross_attention
 from ..family import Family
 from ..guided import rows
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -129,6 +130,24 @@ def _check(model, kw: dict, batch: int) -> None:
 
 WAN = WanFamily(
     name="Wan 2.1 / 2.2",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("wan", "wan-vace", "wan-i2v"),
+
+
+        outputs={0: "prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
+
+
+        unconditional=True,
+
+
+    ),
     models=tuple(m for m in (WanTransformer3DModel, WanVACETransformer3DModel) if m is not None),
     token_order="cross_attention",
     acts_in="the text cross-attention attn2 of every block (the I2V image context unguided)",

@@ -35,7 +35,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from tqdm import tqdm
 from diffusers.models.transformers.transformer_wan_animate_2 import (
     WanAnimate2Attention,
     WanAnimate2CrossAttnProcessor,
@@ -49,6 +48,7 @@ from diffusers.modular_pipelines.wan_animate_2.denoise import (
     WanAnimate2DistilledSegmentDenoiseInner,
     WanAnimate2SegmentDenoiseInner,
 )
+from tqdm import tqdm
 
 from .. import call_state, cross_attention
 from ..family import Family

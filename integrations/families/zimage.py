@@ -39,6 +39,7 @@ from nag_kernels.attention import attention_with_lse
 from .. import call_state
 from ..family import Family, MethodPatch
 from ..guided import NAGForward
+from ..modular_spec import ModularSpec, join_lists
 from ..pipeline import PromptAdapter, per_prompt
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -249,6 +250,24 @@ def _sigma(t: torch.Tensor) -> torch.Tensor:
 
 ZIMAGE = ZImageFamily(
     name="Z-Image",
+
+
+    modular=ModularSpec(
+
+
+        model_names=("z-image",),
+
+
+        outputs={0: "prompt_embeds"},
+
+
+        guider_inputs={"prompt_embeds": "cap_feats"},
+
+
+        join=join_lists,
+
+
+    ),
     models=(ZImageTransformer2DModel,),
     token_order="image_first",
     acts_in="the joint attention of the single-stream layers (image outputs), after the unguided noise refiner "
