@@ -173,6 +173,7 @@ def test_stock_without_nag_arguments_nag_scale_1_same_negative_and_remove(blocks
     stock = frames(pipe, prompt=PROMPT)
     apply_nag(pipe, backend="torch")
     assert pipe._blocks is not original and wananimate2.patch_blocks(copy.deepcopy(pipe._blocks)) == 0
+    assert wananimate2.RECORD == modular.RECORD  # the state entry the NAG-aware denoise blocks read
     assert all(torch.equal(a, b) for a, b in zip(frames(pipe, prompt=PROMPT), stock))
     assert all(torch.equal(a, b) for a, b in zip(frames(pipe, prompt=PROMPT, nag_negative_prompt=NEGATIVE,
                                                          nag_scale=1.0), stock))

@@ -11,14 +11,11 @@ materializes the scores; at these sizes that is nothing).
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan_animate_2 import (
     WanAnimate2AttnProcessor,
     WanAnimate2CrossAttnProcessor,
-    WanAnimate2KVCache,
 )
 
 import wananimate2_reference as reference
