@@ -11,21 +11,26 @@ negative's text as an extra segment of the packed sequence) is the family's guid
 How one guided forward runs (``B`` latent rows, ``encoder_hidden_states`` ``[2B, T, D]`` = positive then NAG-negative
 rows; ``guided.pre_hook`` checks the batches and calls ``MiniMaxH3Family.deliver``):
 
-- ``deliver`` packs the text along the sequence, ``[B, 2T, D]`` (positive tokens, then negative tokens), appends the
-  negative's ``T`` rows at the end of the packed sequence (``S .. S + T - 1``; ``text_indices`` extended), each
-  negative row with its positive twin's position, modality tag and timestep index (``position_ids``, ``token_tags``,
-  ``timestep_indices`` extended by their text rows), so the stock model forward runs unchanged at batch ``B``: its
-  per-row layers see ``S + T`` rows and its output heads select the video and audio rows as usual.
+- ``deliver`` packs the text along the sequence, ``[B, 2T, D]`` (positive tokens, then negative tokens), adds the
+  negative's ``T`` rows to the packed sequence, each with its positive twin's position, modality tag and timestep
+  index, and lays the ``S + T`` rows out as ``P`` equal chunks of ``[positive text, negative text, media]`` (``P``
+  the context-parallel degree, 1 without parallelism): ``position_ids``, ``token_tags``, ``timestep_indices`` are
+  permuted, ``text_indices`` / ``video_indices`` / ``audio_indices`` mapped to the new rows. The stock model forward
+  then runs unchanged at batch ``B``: its per-row layers see ``S + T`` rows and its output heads select the video
+  and audio rows as usual. (``_check`` hands ``P`` to ``deliver`` per thread, ``call_state``.)
 - Only the attention differs (``NAGMiniMaxH3AttnProcessor``, the record per thread: the model passes no attention
   kwargs to its processors). The token refiner's attention (no rotary embedding) runs per branch (``[2B, T]``, the
-  stock processor). In the blocks: the positive text queries attend to ``[text_pos ; media]`` (stock), the negative's
-  text queries to ``[text_neg ; media]``, both through the user's attention backend; the media queries (every row
-  that is not text: conditioning, reference audio, target video and audio) over both branches' keys, split into the
-  shared media keys (once) and each branch's text keys, LSE-merged with the NAG combine fused
-  (``split_attention.image_attention``). With a non-PyTorch attention backend, exact mode runs the unsplit
-  per-branch attention of the media queries through that backend (same numbers up to rounding).
-- Context parallelism: diffusers' ``_cp_plan`` shards the packed sequence contiguously at the first block, where the
-  row sets of this layout are sequence-wide index tensors; NAG refuses a guided call under a parallel config.
+  stock processor). In the blocks (a chunk: ``t = T / P`` rows of each text, ``m = M / P`` media rows): the positive
+  text queries attend to ``[text_pos ; media]`` (stock), the negative's text queries to ``[text_neg ; media]``, both
+  through the user's attention backend; the media queries (every row that is not text: conditioning, reference audio,
+  target video and audio) over both branches' keys, split into the shared media keys (once) and each branch's text
+  keys, LSE-merged with the NAG combine fused (``parallel.image_attention``: ``split_attention.image_attention``
+  without parallelism). With a non-PyTorch attention backend, exact mode runs the unsplit per-branch attention of the
+  media queries through that backend (same numbers up to rounding).
+- Context parallelism (Ulysses, ring): diffusers' ``_cp_plan`` splits the packed sequence into one contiguous chunk
+  per rank at the first block, so every rank holds ``t`` tokens of each text and ``m`` media rows, and the attention
+  above runs over every rank's keys through diffusers' CP templates. ``T`` and ``M`` must be divisible by ``P``
+  (refused by name otherwise); tensor parallelism is refused.
 
 Plain forwards (no record) go to the wrapped stock processors. No ``forward`` is replaced.
 """
