@@ -57,7 +57,7 @@ def rows(height: int = HEIGHT, width: int = WIDTH, frames: int = FRAMES) -> tupl
 
 
 def step_inputs(model: torch.nn.Module, variant: str, height: int = HEIGHT, width: int = WIDTH, frames: int = FRAMES,
-                text_tokens: int = TEXT_TOKENS) -> dict:
+                text_tokens: int = TEXT_TOKENS, batch: int = 1) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     meta, dtype = torch.device("meta"), torch.bfloat16
@@ -66,10 +66,10 @@ def step_inputs(model: torch.nn.Module, variant: str, height: int = HEIGHT, widt
     config = model.config
     patch = config.in_channels * config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
     return dict(
-        hidden_states=torch.empty(1, video, patch, device=meta, dtype=dtype),
-        audio_hidden_states=torch.empty(1, audio, config.audio_in_channels, device=meta, dtype=dtype),
-        encoder_hidden_states=torch.empty(2 if variant == "nag" else 1, text_tokens, config.text_dim, device=meta,
-                                          dtype=dtype),
+        hidden_states=torch.empty(batch, video, patch, device=meta, dtype=dtype),
+        audio_hidden_states=torch.empty(batch, audio, config.audio_in_channels, device=meta, dtype=dtype),
+        encoder_hidden_states=torch.empty((2 if variant == "nag" else 1) * batch, text_tokens, config.text_dim,
+                                          device=meta, dtype=dtype),
         timestep=torch.empty(2, device=meta),
         timestep_indices=torch.zeros(length, dtype=torch.long, device=meta),
         token_tags=torch.zeros(length, dtype=torch.long, device=meta),
@@ -79,6 +79,12 @@ def step_inputs(model: torch.nn.Module, variant: str, height: int = HEIGHT, widt
         video_indices=torch.arange(text_tokens + audio, length, device=meta),
         return_dict=False,
     )
+
+
+def flops_inputs(model: torch.nn.Module, batch: int = 1) -> dict[str, list[dict]]:
+    """The flops suite's step at the common setting: no NAG (the stock call; the checkpoint is guidance-distilled,
+    so there is no CFG pass to compare with) and the guided forward."""
+    return {variant: [step_inputs(model, variant, batch=batch)] for variant in VARIANTS}
 
 
 def repeat(name: str, model: torch.nn.Module) -> dict[str, int]:
