@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
-
 import wananimate2_reference as reference
 import wananimate2_toy as toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, remove_nag
 from test_wananimate2_transformer import DEFAULTS, close, equal
+from torch._dynamo.testing import CompileCounter
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
@@ -86,12 +85,10 @@ def test_group_offloading_in_either_order(order):
 
 
 def test_model_offload_hook_through_modular_pipeline_calls(monkeypatch):
+    import test_wananimate2_modular as modular_tests
     from accelerate import cpu_offload_with_hook
     from diffusers.modular_pipelines import WanAnimate2DistilledBlocks
 
-    import test_wananimate2_modular as modular_tests
-
-    modular_tests.install_modular_entry(monkeypatch)
     pipe = modular_tests.pipeline(WanAnimate2DistilledBlocks)
     kw = dict(prompt=modular_tests.PROMPT, nag_negative_prompt=modular_tests.NEGATIVE)
     apply_nag(pipe, backend="torch")

@@ -1,7 +1,6 @@
 """NAG on Wan Animate 2's modular blocks (WanAnimate2Blocks with its CFG guider on and off, WanAnimate2DistilledBlocks
-with its guidance-1 guider and with CFG), with the modular entry this family needs (``MODULAR_SPEC``: its ``blocks``
-hook puts ``wananimate2``'s NAG-aware denoise blocks in the copy ``apply_nag`` makes), set in ``modular.SPECS`` for
-these tests only since that table is the core's (proposed in docs/families/wananimate2.md).
+with its guidance-1 guider and with CFG), through the family's modular declaration (its ``blocks`` hook puts
+``wananimate2``'s NAG-aware denoise blocks in the copy ``apply_nag`` makes).
 
 Against an independent computation: the stock blocks, whose transformer forward is replaced by the float64 definition
 (``wananimate2_reference``) that appends the NAG negative's row on the conditional denoising calls (the NAG
@@ -18,38 +17,25 @@ from __future__ import annotations
 import copy
 import functools
 
+import modular_toy
 import pytest
 import torch
+import wananimate2_reference as reference
+import wananimate2_toy as toy
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.modular_pipelines import WanAnimate2Blocks, WanAnimate2DistilledBlocks
 from diffusers.modular_pipelines.wan_animate_2.encoders import get_t5_prompt_embeds
-
-import modular_toy
-import wananimate2_reference as reference
-import wananimate2_toy as toy
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import NAGGuidance, apply_nag, modular, remove_nag
 from nag_kernels.integrations.families import wananimate2
 from nag_kernels.integrations.guided import state_of
 from nag_kernels.integrations.modular import NAGTextEncoderStep
 
-pytestmark = [pytest.mark.usefixtures("single_thread", "wananimate2_modular"),
+pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 
-# The entry integrations/modular.py needs in SPECS (keyed by Family.name).
-MODULAR_SPEC = wananimate2.modular_spec()
 SETTINGS = (9.0, 3.5, 0.25)  # the family's recommended scale, tau, alpha
 PROMPT, NEGATIVE = "a red cat", "blurry dark"
-
-
-@pytest.fixture
-def wananimate2_modular(monkeypatch):
-    install_modular_entry(monkeypatch)
-
-
-def install_modular_entry(monkeypatch):
-    """``MODULAR_SPEC`` in ``modular.SPECS`` (which the core reads before a family's own declaration)."""
-    monkeypatch.setitem(modular.SPECS, "Wan Animate 2", MODULAR_SPEC)
 
 
 def frames(pipe, **kw):

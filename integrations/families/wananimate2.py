@@ -53,6 +53,7 @@ from tqdm import tqdm
 from .. import call_state, cross_attention
 from ..family import Family
 from ..guided import rows
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -314,8 +315,6 @@ def modular_spec():
     """The ``ModularSpec`` of Wan Animate 2's blocks (docs/families/wananimate2.md): the text conditioning is
     ``prompt_embeds`` (one row per prompt, the transformer's ``encoder_hidden_states``), and ``apply_nag``'s copy of
     the blocks gets the NAG-aware denoise blocks (``blocks=patch_blocks``)."""
-    from ..modular import ModularSpec
-
     return ModularSpec(
         model_names=("wan-animate-2", "wan-animate-2-distilled"),
         outputs={0: "prompt_embeds"},
@@ -323,3 +322,6 @@ def modular_spec():
         pipelines={name: name for name in BLOCKS},
         blocks=patch_blocks,
     )
+
+
+WANANIMATE2.modular = modular_spec()  # declared here, after the denoise blocks it patches
