@@ -1,6 +1,5 @@
 """apply_nag on MiniMax-H3's modular blocks (``MiniMaxH3Blocks``, t2va; guidance-distilled: no guider, one call per
-step), with the modular table entry this family needs (``MODULAR_SPEC``, added to ``integrations.modular.SPECS`` for
-the test: that table is the core's). The core's NAG text-encoder step hands a one-prompt call's negative to the
+step), through the family's modular declaration (``Family.modular``). The core's NAG text-encoder step hands a one-prompt call's negative to the
 text-encoder block as a string, as MiniMax-H3's step requires.
 
 Against the float64 reference: the stock blocks run with the transformer's forward replaced by the definition
@@ -21,24 +20,12 @@ from diffusers.modular_pipelines.minimax_h3.encoders import get_qwen3vl_prompt_e
 from flux_toy import single_thread  # noqa: F401  (fixture)
 from nag_kernels.integrations import apply_nag, modular, remove_nag
 
-pytestmark = pytest.mark.usefixtures("single_thread", "minimax_h3_spec")
-
-# The entry MiniMax-H3 needs in integrations/modular.py's SPECS (keyed by Family.name).
-MODULAR_SPEC = modular.ModularSpec(
-    model_names=("minimax-h3",),
-    outputs={0: "prompt_embeds"},
-    guider_inputs={"prompt_embeds": "encoder_hidden_states"},
-)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPT = "a fox runs in snow , birds sing"  # 8 tokens
 SHORT = "blurry dark"  # 2 tokens: padded to 8
 LONG = "blurry dark low quality noisy distorted audio , red blue sky"  # 11 tokens: cut to 8
 COMMON = dict(height=32, width=32, num_frames=120, num_inference_steps=3)  # 37 latent frames, 414 audio rows
-
-
-@pytest.fixture
-def minimax_h3_spec(monkeypatch):
-    monkeypatch.setitem(modular.SPECS, "MiniMax-H3", modular.SPECS.get("MiniMax-H3", MODULAR_SPEC))
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ from diffusers.models.transformers.transformer_minimax_h3 import (
 from .. import call_state, parallel
 from ..family import Family
 from ..guided import NAGForward, carry_record_into_checkpoints, rows, uncarry
+from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
 from ..registry import register_family
@@ -263,6 +264,11 @@ class MiniMaxH3Prompts(PromptAdapter):
 
 MINIMAX_H3 = MiniMaxH3Family(
     name="MiniMax-H3",
+    modular=ModularSpec(
+        model_names=("minimax-h3",),
+        outputs={0: "prompt_embeds"},
+        guider_inputs={"prompt_embeds": "encoder_hidden_states"},
+    ),
     models=(MiniMaxH3Transformer3DModel,),
     token_order="text_first",
     acts_in="the self-attention of the transformer blocks over the packed sequence (media queries: conditioning, "
