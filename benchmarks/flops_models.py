@@ -36,23 +36,26 @@ import torch
 from meta_models import chroma as model_chroma
 from meta_models import flux as model_flux
 from meta_models import flux2 as model_flux2
+from meta_models import flux3 as model_flux3
 from meta_models import hidream as model_hidream
-from meta_models import ltx as model_ltx
-from meta_models import ltx2 as model_ltx2
-from meta_models import qwenimage as model_qwenimage
-from meta_models import sana as model_sana
-from meta_models import sd3 as model_sd3
-from meta_models import sdxl as model_sdxl
-from meta_models import wan as model_wan
-from meta_models import zimage as model_zimage
-from meta_models.count import Counted, count
-from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
+from meta_models import hunyuanvideo15 as model_hunyuanvideo15
 
 # Families still being added keep their builders in benchmarks/ until they move to meta_models/.
 from meta_models import kandinsky6 as model_kandinsky6
 from meta_models import krea2 as model_krea2
-from meta_models import hunyuanvideo15 as model_hunyuanvideo15
+from meta_models import ltx as model_ltx
+from meta_models import ltx2 as model_ltx2
+from meta_models import minimax_h3 as model_minimax_h3
+from meta_models import qwenimage as model_qwenimage
 from meta_models import qwenimage21 as model_qwenimage21
+from meta_models import sana as model_sana
+from meta_models import sd3 as model_sd3
+from meta_models import sdxl as model_sdxl
+from meta_models import wan as model_wan
+from meta_models import wananimate2 as model_wananimate2
+from meta_models import zimage as model_zimage
+from meta_models.count import Counted, count
+from meta_models.flux import FLUX1_TEXT_TOKENS, FLUX_TINY_TEXT_TOKENS
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
@@ -318,6 +321,17 @@ def zimage(key: str, resolution: int, caption: int = model_zimage.TEXT_TOKENS, n
 FLUX1_FAST_1024_RATIO = 84135379992576 / 74384653418496
 AT_MOST_1_15 = Target(1.15, "<= 1.15x")
 
+def _with_cfg(step_inputs):
+    """``step_inputs`` of a guidance-distilled model (no CFG pass of its own) with a ``cfg`` variant: two plain passes,
+    what CFG would cost it, for the table's comparison."""
+
+    def inputs(model, batch: int = 1) -> dict[str, list[dict]]:
+        steps = step_inputs(model, batch)
+        return {**steps, "cfg": steps.get("cfg") or 2 * steps["no_nag"]}
+
+    return inputs
+
+
 MODELS: dict[str, FlopsModel] = {
     m.key: m
     for m in [
@@ -399,6 +413,27 @@ MODELS: dict[str, FlopsModel] = {
                    text_tokens=model_krea2.TEXT_TOKENS, build=functools.cache(model_krea2.build),
                    step_inputs=functools.partial(model_krea2.flops_inputs, 1024, model_krea2.TEXT_TOKENS),
                    variants=ONE_MODE, targets={"nag": AT_MOST_1_15}),
+        # FLUX.3 (Flux3Transformer2DModel's defaults in diffusers 0.42.1) at 1024^2, a 480-token text window; CFG: two
+        # calls.
+        FlopsModel(key="flux3-1024", config="FLUX.3", resolution=1024, image_tokens=model_flux3.image_tokens(1024),
+                   text_tokens=model_flux3.TEXT_TOKENS, build=functools.cache(model_flux3.build), variants=ONE_MODE,
+                   targets={"nag": AT_MOST_1_15},
+                   step_inputs=functools.partial(model_flux3.flops_inputs, 1024, model_flux3.TEXT_TOKENS)),
+        # Wan Animate 2 14B at the blocks' default 800x640, 81 frames per segment (flex attention counted densely, as
+        # FlopCounterMode counts flex).
+        FlopsModel(key="wananimate2-14b-800x640x81", config="Wan Animate 2 14B", resolution="800x640x81",
+                   image_tokens=model_wananimate2.video_tokens("800x640x81"), text_tokens=model_wananimate2.TEXT_TOKENS,
+                   build=functools.cache(functools.partial(model_wananimate2.build, "wan-animate-2-14b")),
+                   step_inputs=functools.partial(model_wananimate2.flops_inputs, "800x640x81"), variants=ONE_MODE,
+                   targets={"nag": Target(1.02, "<= 1.02x")}),
+        # MiniMax-H3 (MiniMaxH3Transformer3DModel's defaults in diffusers 0.42.1), t2va at 768x1344, 5 s (37 latent
+        # frames x 1008 rows + 414 audio rows), a 512-token prompt; guidance-distilled: its "cfg" row is what two plain
+        # passes would cost, for comparison.
+        FlopsModel(key="minimax-h3-768x1344x120", config="MiniMax-H3", resolution="768x1344x120",
+                   image_tokens=sum(model_minimax_h3.rows()), text_tokens=model_minimax_h3.TEXT_TOKENS,
+                   build=functools.cache(functools.partial(model_minimax_h3.build, "minimax-h3")),
+                   step_inputs=_with_cfg(model_minimax_h3.flops_inputs), variants=ONE_MODE,
+                   targets={"nag": Target(1.10, "<= 1.10x")}),
         # The Flux-shaped toy (meta_models.flux.FLUX_TINY): seconds on any machine, for tests and --quick.
         flux("flux-tiny-256", "flux-tiny", 256, FLUX_TINY_TEXT_TOKENS, toy=True),
         flux("flux-tiny-512", "flux-tiny", 512, FLUX_TINY_TEXT_TOKENS, toy=True),

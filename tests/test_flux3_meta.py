@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import model_flux3
+from meta_models import flux3 as model_flux3
 
 
 def expected_extra(config, image_len: int, text_len: int, reference_len: int = 0) -> float:

@@ -1,5 +1,5 @@
 """Wan Animate 2 on the meta device: the patched model runs without values or kernels and its cost is counted under
-FlopCounterMode by the flops code (``benchmarks/model_wananimate2.py``); the full-size count (target: NAG at most
+FlopCounterMode by the flops code (``meta_models/wananimate2.py``); the full-size count (target: NAG at most
 1.02x a plain denoising step on Wan2.2-Animate-2-14B at the blocks' default 800x640, 81 frames per segment, 512 text
 tokens) runs in CI's slow stage.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import model_wananimate2 as meta
+from meta_models import wananimate2 as meta
 from nag_kernels.integrations import apply_nag
 
 NAME = "wan-animate-2-14b"

@@ -38,6 +38,8 @@ import math
 
 import torch
 
+from .count import count as count_flops
+
 CONFIGS = {"wan-animate-2-14b": {}}  # diffusers' defaults (module docstring)
 # (width, height, frames per segment) in pixels
 RESOLUTIONS = {"800x640x81": (640, 800, 81), "1280x720x81": (1280, 720, 81)}
@@ -186,18 +188,15 @@ def flops_inputs(resolution: str, model, batch: int = 1) -> dict[str, list[dict]
 def count(name: str, variant: str, resolution="800x640x81", model: torch.nn.Module | None = None,
           text_tokens: int | None = None) -> float:
     """TFLOP of one denoising step of ``variant`` (``nag`` with ``apply_nag``, the others unpatched)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from nag_kernels.integrations import apply_nag, remove_nag
 
     model = build(name) if model is None else model
     (apply_nag if variant == "nag" else remove_nag)(model)
     calls = step_inputs(model, variant, resolution, text_tokens=text_tokens)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for kw in calls:
-            out = model(**kw)
+    counted = count_flops(lambda: [model(**kw) for kw in calls][-1])
+    out, kw = counted.value, calls[-1]
     assert out[0][0].shape[1:] == kw["hidden_states"][0].shape[1:] and out[0][0].device.type == "meta"
-    return counter.get_total_flops() / 1e12
+    return counted.flops / 1e12
 
 
 def reference_pass(name: str, resolution="800x640x81", model: torch.nn.Module | None = None,
@@ -205,7 +204,6 @@ def reference_pass(name: str, resolution="800x640x81", model: torch.nn.Module | 
     """TFLOP of the segment's reference pass (``kv_cache_mode="extract"``, dense attention over the reference
     tokens); NAG leaves it plain."""
     from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
-    from torch.utils.flop_counter import FlopCounterMode
 
     model = build(name) if model is None else model
     config, meta, dtype = model.config, torch.device("meta"), model.dtype
@@ -221,9 +219,7 @@ def reference_pass(name: str, resolution="800x640x81", model: torch.nn.Module | 
     )
     if config.use_img_emb:
         kw["encoder_hidden_states_image"] = torch.empty(1, IMAGE_TOKENS, IMAGE_DIM, device=meta, dtype=dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw)
-    return counter.get_total_flops() / 1e12
+    return count_flops(lambda: model(**kw)).flops / 1e12
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .count import count as count_flops
+
 CONFIGS = {
     "flux3": dict(
         in_channels=128, cond_in_channels=128, num_layers=5, num_single_layers=28, attention_head_dim=128,
@@ -100,7 +102,6 @@ def count(name: str, variant: str, resolution: int = 1024, model: torch.nn.Modul
     full-depth one)."""
     from nag_kernels.integrations import apply_nag, remove_nag
 
-    from meta_models.count import count as count_flops
 
     copies = model is None
     model = build(name, shallow=True) if model is None else model
