@@ -50,6 +50,7 @@ from . import call_state
 from .config import NAGConfig
 from .guided import rows, state_of
 from .modular_spec import ModularSpec, join_lists  # noqa: F401  (ModularSpec re-exported)
+from .pipeline import JOINED as _JOINED
 from .pipeline import PIPELINE_CONFIG, SETTINGS, _broadcast, per_prompt
 from .registry import family_for
 
@@ -58,7 +59,6 @@ STEP_NAME = "nag_text_encoder"
 RECORD = "nag_guidance"  # the PipelineState entry holding the call's NAGCall
 _PENDING = "modular_nag_pending"  # call_state slots (per thread)
 _ACTIVE = "modular_nag_active"
-_JOINED = "modular_nag_joined"
 NO_NAG = "off"  # the pending record of a call in which NAG does not act
 
 

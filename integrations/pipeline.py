@@ -27,6 +27,7 @@ from .registry import family_for_pipeline
 
 SETTINGS = ("nag_scale", "nag_tau", "nag_alpha", "nag_end")
 PIPELINE_CONFIG = "_nag_config"  # a patched pipeline's own settings (apply_nag's), in its __dict__
+JOINED = "modular_nag_joined"  # call_state slot: the denoiser's NAG rows are already joined (NAGGuidance adds none)
 
 _CLASSES: dict[type, type] = {}
 _CLASSES_LOCK = threading.Lock()
@@ -249,19 +250,32 @@ def _guided_models(pipe, family) -> list:
     return models
 
 
+def _nag_guider(pipe):
+    """The pipeline's ``guider`` component when it is an enabled ``NAGGuidance`` (classic pipelines that take a guider,
+    e.g. HunyuanVideo 1.5's): its NAG settings then drive every call, as on a modular pipeline."""
+    guider = getattr(pipe, "guider", None)
+    if guider is None or type(guider).__name__ != "NAGGuidance" or not getattr(guider, "_enabled", False):
+        return None
+    return guider
+
+
 def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
-    if not nag_args:
+    guider = _nag_guider(pipe)
+    if not nag_args and guider is None:
         return base.__call__(pipe, *args, **kwargs)
     models = _guided_models(pipe, family)
     settings = {key[len("nag_"):]: nag_args.get(key) for key in SETTINGS}
     defaults = pipe.__dict__.get(PIPELINE_CONFIG) or state_of(models[0]).config
+    if guider is not None:  # the guider's own NAG fields over apply_nag's settings; the call's over both
+        defaults = defaults.replace(scale=guider.nag_scale, tau=guider.nag_tau, alpha=guider.nag_alpha,
+                                    end=guider.nag_end)
     config = defaults.replace(**settings)
     adapter = family.prompts
     negatives = {name: nag_args.get(name) for name in adapter.names}
     adapter.check_values(negatives)
     adapter.check(negatives)
     has_negative = any(value is not None for value in negatives.values())
-    if config.scale <= 1 or not (has_negative or "nag_scale" in nag_args):
+    if config.scale <= 1 or not (has_negative or "nag_scale" in nag_args or guider is not None):
         return base.__call__(pipe, *args, **kwargs)
 
     call_args = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments
@@ -281,6 +295,8 @@ def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
     pipe.__dict__["encode_prompt"] = encode_prompt
     for name, make in adapter.call_patches:
         pipe.__dict__[name] = make(getattr(pipe, name))
+    joined = call_state.peek(JOINED)
+    call_state.put(JOINED, True)  # a NAGGuidance guider of this pipeline adds no rows of its own: they are joined here
     try:
         with call_state.pipeline_call(config):
             out = base.__call__(pipe, *args, **kwargs)
@@ -294,6 +310,7 @@ def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
             )
         return out
     finally:
+        call_state.put(JOINED, joined)
         pipe.__dict__.pop("encode_prompt", None)
         for name, _ in adapter.call_patches:
             pipe.__dict__.pop(name, None)
