@@ -192,7 +192,7 @@ def markdown(rows: list[dict]) -> str:
         "\nParallel models are not counted here: diffusers' context and tensor parallelism hooks need a process "
         "group and real collectives, which a single meta-device process does not have (docs/parallelism.md, "
         "\"FLOPs per rank\"). Per rank, the FLOPs are the plain model's divided by the degree, up to the "
-        "conditioning embedders every rank runs whole: tests/test_parallel_flux.py counts each rank of a "
+        "conditioning embedders every rank runs whole: tests/parallel/test_parallel_flux.py counts each rank of a "
         "context-parallel FLUX.1 model under FlopCounterMode and finds per rank x degree / one process = 1.01-1.02 "
         "in fast mode (exact mode about 1.08: under context parallelism its double blocks run the unsplit per-branch "
         "attention); under tensor parallelism the AdaLN modulation and the embedders stay replicated. So the ratios "

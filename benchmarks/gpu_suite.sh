@@ -8,7 +8,7 @@
 #
 # Phases (each in its own process under a hard time limit, so an OOM, a compile error or a hang in one is reported
 # and the next still runs; every phase writes its JSON row by row, so a phase stopped early keeps what it measured):
-#   tests (limit 100 s): the GPU-only correctness tests, compiled kernels (tests/test_*_cuda.py, TRITON_INTERPRET=0).
+#   tests (limit 100 s): the GPU-only correctness tests, compiled kernels (tests/kernels/test_*_cuda.py, TRITON_INTERPRET=0).
 #   kernel (limit 150 s): the NAG combine, preset gpu-suite: every model shape in bf16/L1 plus fp16/fp32 and L2 at
 #      the Flux shapes; 6 providers each (one torch.compile warm-up per case); the kernel targets, PASS/FAIL.
 #   flux (limit 205 s): FLUX.1-size transformer (about 12B random bf16 parameters, built on the GPU) at 1024^2 and
@@ -107,8 +107,8 @@ if wants tests; then
   echo
   echo "== phase tests (limit 100s, suite elapsed $((SECONDS - T0))s): GPU-only correctness tests"
   TRITON_INTERPRET=0 timeout --signal=TERM --kill-after=15 100 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_nag_cuda.py tests/test_merge_cuda.py tests/test_partial_norm_cuda.py \
-    tests/test_gradients_and_scale_cuda.py 2>&1 | tail -n 40
+    tests/kernels/test_nag_cuda.py tests/kernels/test_merge_cuda.py tests/kernels/test_partial_norm_cuda.py \
+    tests/kernels/test_gradients_and_scale_cuda.py 2>&1 | tail -n 40
   echo "== phase tests: exit ${PIPESTATUS[0]}"
 fi
 wants kernel && phase kernel 150 kernel --preset gpu-suite --budget-s 120 "${KERNEL_SMOKE[@]}"

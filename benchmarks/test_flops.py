@@ -108,13 +108,13 @@ def test_targets_pass_fail_and_a_bound_from_another_row():
     assert rows[5]["target_met"] is False
     table = flops.markdown(rows)
     assert "<= 1.15x: **FAIL**" in table and "(1.1300x; counted 1.1200x): **PASS**" in table
-    assert "not counted here" in table and "tests/test_parallel_flux.py" in table
+    assert "not counted here" in table and "tests/parallel/test_parallel_flux.py" in table
     alone = [_row("b", "no_nag", 10), _row("b", "nag", 11.4, like)]  # a's row not in the run: the fallback bound
     flops.add_ratios(alone)
     assert alone[1]["target"]["max_ratio"] == 9.9 and alone[1]["target_met"] is True
 
 
-KANDINSKY6_TINY = dict(  # tests/test_kandinsky6_meta.py's tiny config
+KANDINSKY6_TINY = dict(  # tests/families/kandinsky6/test_kandinsky6_meta.py's tiny config
     in_visual_dim=4, out_visual_dim=8, in_text_dim=24, in_text_dim2=8, time_dim=16, model_dim=24, ff_dim=40,
             num_text_blocks=2, num_visual_blocks=3, axes_dims=(4, 4, 4), in_audio_dim=4, out_audio_dim=8,
             model_dim_a=36, time_dim_a=12, ff_dim_a=20, axes_dims_a=(4, 4, 4))
