@@ -343,7 +343,7 @@ def test_generate_takes_pipelines_whose_first_argument_is_not_the_prompt():
 
     from benchmarks import quality_pipeline
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "flux2_toy.py"
+    path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "toys" / "flux2_toy.py"
     spec = importlib.util.spec_from_file_location("flux2_toy", path)
     toy = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("flux2_toy", toy)

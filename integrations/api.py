@@ -63,9 +63,7 @@ def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
         # A torch pre-hook, not a diffusers hook, at the top level: accelerate's model offload rewrites the top-level
         # ``forward`` on every pipeline call and would drop a forward wrapper registered after it.
         handle = model.register_forward_pre_hook(_caches.with_layout(pre_hook), with_kwargs=True, prepend=True)
-        after = None
-        if not family.passes_attention_kwargs:
-            after = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+        after = model.register_forward_hook(_end_of_forward, with_kwargs=True, always_call=True)
         names = parameter_names(type(model).forward)
         state = NAGState(family, config, installed, handle, names, after, weakref.WeakSet())
         setattr(model, STATE_ATTR, state)
@@ -74,6 +72,14 @@ def _apply_model(model, config: NAGConfig, where: str, owner=None) -> None:
     else:
         state.owners.add(owner)
     _caches.guard(model)  # diffusers' caches keep one state per batch layout while NAG is applied (caches.py)
+
+
+def _end_of_forward(module, args, kwargs, output):
+    """The forward hook of every patched model (also when the forward raised): the per-forward thread state ends
+    with the forward (the record of a family whose record travels per thread, the caches' batch layout), so nothing
+    of it leaks into the next forward or call on this thread."""
+    post_hook(module, args, kwargs, output)
+    _caches.forward_done()
 
 
 def _remove_model(model) -> None:

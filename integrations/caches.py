@@ -292,6 +292,17 @@ def with_layout(pre_hook):
     return hook
 
 
+def forward_done() -> None:
+    """A forward outside a pipeline call is over: no layout until the next forward sets its own, so a hook's state
+    read between calls (``enable_cache``, a reset) is the plain layout's. Within a pipeline call the last forward's
+    layout holds until the call ends (``call_state.clear_at_call_end``): a step callback reads its states."""
+    if call_state.call_config() is None:
+        call_state.put(LAYOUT, None)
+
+
+call_state.clear_at_call_end(LAYOUT)
+
+
 def _set_layout(module, args, kwargs) -> None:
     state = state_of(module)
     if state is None:

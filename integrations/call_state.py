@@ -27,6 +27,15 @@ import threading
 _LOCAL = threading.local()
 
 
+_CALL_SLOTS: set[str] = set()  # slots that end with the pipeline call (clear_at_call_end)
+
+
+def clear_at_call_end(name: str) -> None:
+    """Make the slot ``name`` end with each pipeline call on this thread (a value that lives across the forwards of
+    one call, and must not reach the next call)."""
+    _CALL_SLOTS.add(name)
+
+
 @contextlib.contextmanager
 def pipeline_call(config):
     """Make ``config`` the NAG settings of the pipeline call in progress on this thread, for its duration."""
@@ -36,6 +45,8 @@ def pipeline_call(config):
         yield
     finally:
         _LOCAL.config = before
+        for name in _CALL_SLOTS:
+            setattr(_LOCAL, "slot_" + name, None)
 
 
 def call_config():

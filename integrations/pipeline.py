@@ -263,6 +263,17 @@ def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
     guider = _nag_guider(pipe)
     if not nag_args and guider is None:
         return base.__call__(pipe, *args, **kwargs)
+    if guider is None:
+        return _nag_call(pipe, base, family, args, kwargs, nag_args, None)
+    joined = call_state.peek(JOINED)
+    call_state.put(JOINED, True)  # the guider adds no rows of its own here: a NAG call joins them in the encoding
+    try:
+        return _nag_call(pipe, base, family, args, kwargs, nag_args, guider)
+    finally:
+        call_state.put(JOINED, joined)
+
+
+def _nag_call(pipe, base: type, family, args, kwargs, nag_args: dict, guider):
     models = _guided_models(pipe, family)
     settings = {key[len("nag_"):]: nag_args.get(key) for key in SETTINGS}
     defaults = pipe.__dict__.get(PIPELINE_CONFIG) or state_of(models[0]).config
@@ -295,8 +306,6 @@ def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
     pipe.__dict__["encode_prompt"] = encode_prompt
     for name, make in adapter.call_patches:
         pipe.__dict__[name] = make(getattr(pipe, name))
-    joined = call_state.peek(JOINED)
-    call_state.put(JOINED, True)  # a NAGGuidance guider of this pipeline adds no rows of its own: they are joined here
     try:
         with call_state.pipeline_call(config):
             out = base.__call__(pipe, *args, **kwargs)
@@ -310,7 +319,6 @@ def _call(pipe, base: type, family, args, kwargs, nag_args: dict):
             )
         return out
     finally:
-        call_state.put(JOINED, joined)
         pipe.__dict__.pop("encode_prompt", None)
         for name, _ in adapter.call_patches:
             pipe.__dict__.pop(name, None)
