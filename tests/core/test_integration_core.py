@@ -88,7 +88,7 @@ def test_diffusers_range_refuses_below_the_floor_and_warns_above_the_newest_test
         versions.check("0.43.0")
 
 
-def test_a_nag_config_gives_every_setting_and_keywords_override_single_fields():
+def test_a_nag_config_gives_every_setting_to_models_and_pipelines_and_keywords_override_fields():
     from nag_kernels.integrations import NAGConfig
 
     given = NAGConfig(scale=7.0, tau=2.0, alpha=0.4, end=0.5, mode="fast", backend="torch")
