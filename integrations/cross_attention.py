@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .guided import NAGForward
+from . import call_state, forward_patch
+from .guided import NAGForward, as_kwargs
 from .split_attention import combine
+
 
 def guided_cross_attention(attend, query, key, value, nag: NAGForward, mask_pos=None, mask_neg=None) -> torch.Tensor:
     """NAG-combined cross-attention of shared queries over each branch's text.
@@ -49,3 +51,16 @@ def is_guided_call(nag, hidden_states, encoder_hidden_states) -> bool:
         and encoder_hidden_states is not None
         and encoder_hidden_states.shape[0] > hidden_states.shape[0]
     )
+
+
+def flattened_text_forward(self, *args, **kwargs):
+    """``forward`` of a caption projection whose model reshapes the projected text with ``.view(batch, -1, C)``
+    (``batch``: the latent rows; LTX-Video, LTX-2.0, Sana), which would fold a guided forward's extra text rows into
+    the sequence: then ``[L + g, T, C]`` -> ``[L, (L + g) * T, C]``, all text rows as one sequence broadcast (stride 0,
+    no copy) to the ``L`` latent rows, which that ``view`` leaves as it is; the processor reads the rows back. A plain
+    forward (no record on this thread, families with ``passes_attention_kwargs=False``) is the stock one."""
+    out = forward_patch.call_previous(self, **as_kwargs(self._nag_names, args, kwargs))
+    nag = call_state.record()  # the guided forward in progress on this thread, else None
+    if nag is None:
+        return out
+    return out.reshape(1, -1, out.shape[-1]).expand(nag.batch, -1, -1)

@@ -32,7 +32,7 @@ other      ``"math"``
 ``[B, H, Nq, 1]``) comes first on Hopper GPUs, as it does in PyTorch's own SDPA choice there: on an H200 (torch 2.11,
 the step profile in docs/performance.md) FLUX.1's plain attention ran in cuDNN's Hopper kernel at 23.3 ms per step
 while fast mode's split parts, about the same FLOPs, took 44.3 ms in the ``"flash"`` kernel. Its LSE output and the
-merge were verified on that H200 (``tests/test_merge_cuda.py``); elsewhere it is used only when asked for, since
+merge were verified on that H200 (``tests/kernels/test_merge_cuda.py``); elsewhere it is used only when asked for, since
 what it accepts depends on the installed cuDNN version.
 ``"math"`` is two ``matmul``s and an explicit ``logsumexp`` in float32 (float64 for float64), any device and dtype;
 it materializes the ``[B, H, Nq, Nk]`` scores, so it is a fallback, not a fast path. All paths need ``q``, ``k``,
@@ -45,7 +45,7 @@ more attention forward and backward of the same kernel); the ``"math"`` path thr
 
 Verification: the CPU paths run in the CPU test suite (compared with one attention over concatenated keys). The CUDA
 paths are written against the op schemas of torch 2.11-2.13; the CPU suite checks them on meta tensors (output shapes,
-dtypes, strides, the LSE slicing, FLOP counts) and ``tests/test_merge_cuda.py`` runs them on a GPU.
+dtypes, strides, the LSE slicing, FLOP counts) and ``tests/kernels/test_merge_cuda.py`` runs them on a GPU.
 
 FLOP counting: every path is visible to ``torch.utils.flop_counter.FlopCounterMode`` with ``4 * B * H * Nq * Nk * D``
 FLOPs (two matmuls). torch 2.11-2.13 have no formula for the CPU flash op, so it counts 0 there (pytorch issue

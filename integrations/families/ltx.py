@@ -8,7 +8,7 @@ per branch with that branch's own mask, the combine before ``to_out``. Self-atte
 run at ``L`` rows.
 
 The stock forward reshapes the projected text with ``.view(batch, -1, C)`` (batch = video rows), which would fold
-the extra text rows into the sequence. In a guided forward ``_caption_forward`` (the caption projection's
+the extra text rows into the sequence. In a guided forward ``cross_attention.flattened_text_forward`` (the caption projection's
 ``forward``, one shared function) returns the projected text of all ``L + g`` rows flattened into one sequence and
 broadcast (a stride-0 ``expand``, no copy) to the ``L`` video rows, which that ``view`` leaves as it is; the
 processor reads the rows back from it. The model's forward does not pass its attention kwargs to the blocks, so
@@ -24,9 +24,8 @@ from diffusers.models.transformers.transformer_ltx import (
     LTXVideoTransformer3DModel,
 )
 
-from .. import call_state, cross_attention, forward_patch
+from .. import call_state, cross_attention
 from ..family import Family, ForwardPatch
-from ..guided import as_kwargs
 from ..modular_spec import ModularSpec
 from ..pipeline import PromptAdapter
 from ..processor import NAGProcessor
@@ -36,19 +35,9 @@ PIPELINES = {"LTXPipeline": {}, "LTXImageToVideoPipeline": {}, "LTXConditionPipe
 DEFAULTS = {"scale": 9.0, "tau": 3.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
 
 
-def _caption_forward(self, *args, **kwargs):
-    """``forward`` of the caption projection: in a guided forward, ``[L + g, T, C]`` -> ``[L, (L + g) * T, C]`` (all
-    text rows as one sequence, broadcast to the ``L`` video rows); otherwise the stock forward."""
-    out = forward_patch.call_previous(self, **as_kwargs(self._nag_names, args, kwargs))
-    nag = call_state.record()  # the guided forward in progress on this thread, else None
-    if nag is None:
-        return out
-    return out.reshape(1, -1, out.shape[-1]).expand(nag.batch, -1, -1)
-
-
 class NAGLTXAttnProcessor(NAGProcessor):
     """``LTXVideoAttnProcessor`` with NAG in cross-attention: in a guided forward (a record in
-    ``call_state.record()``, set by the model's pre-hook) the text arrives flattened by ``_caption_forward``."""
+    ``call_state.record()``, set by the model's pre-hook) the text arrives flattened by ``cross_attention.flattened_text_forward``."""
 
     stock = LTXVideoAttnProcessor
 
@@ -97,7 +86,7 @@ LTX = Family(
     token_order="cross_attention",
     acts_in="the text cross-attention attn2 of every block, each branch with its own text mask",
     processors={LTXAttention: NAGLTXAttnProcessor},
-    forward_patches=(ForwardPatch(_caption_forward, lambda model: (model.caption_projection,)),),
+    forward_patches=(ForwardPatch(cross_attention.flattened_text_forward, lambda model: (model.caption_projection,)),),
     guided_attention=lambda name, module: name.endswith("attn2"),  # the text cross-attention
     prompts=PromptAdapter(
         prompts={"nag_negative_prompt": "prompt"},

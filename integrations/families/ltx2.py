@@ -17,7 +17,7 @@ How the extra text rows pass the stock forward, for both configurations:
 
 - **LTX-2.0** (``caption_projection``): the stock forward reshapes the projected text with ``.view(batch, -1, C)``
   (``batch`` = latent rows), which would fold the extra rows into the sequence. In a guided forward
-  ``_caption_forward`` (the shared ``forward`` of both caption projections) returns all ``L + g`` projected rows as
+  ``cross_attention.flattened_text_forward`` (the shared ``forward`` of both caption projections) returns all ``L + g`` projected rows as
   one sequence broadcast to the ``L`` latent rows (a stride-0 ``expand``, no copy), which that ``view`` keeps; the
   processor reads the rows back.
 - **LTX-2.3** (no caption projection; the text K/V input is modulated per block with ``L`` rows computed from
@@ -57,7 +57,7 @@ from diffusers.models.transformers.transformer_ltx2 import (
     LTX2VideoTransformerBlock,
 )
 
-from .. import call_state, cross_attention, forward_patch
+from .. import call_state, cross_attention
 from ..family import Family, ForwardPatch, MethodPatch
 from ..guided import as_kwargs, rows
 from ..modular_spec import ModularSpec
@@ -82,16 +82,6 @@ AUDIO_KEYS = {"audio_nag_scale": "scale", "audio_nag_tau": "tau", "audio_nag_alp
 
 
 # --- the text rows through the stock forward --------------------------------------------------------------------
-
-
-def _caption_forward(self, *args, **kwargs):
-    """``forward`` of the caption projections (LTX-2.0): in a guided forward, ``[L + g, T, C]`` -> ``[L, (L + g) * T,
-    C]`` (all text rows as one sequence, broadcast to the ``L`` latent rows); otherwise the stock forward."""
-    out = forward_patch.call_previous(self, **as_kwargs(self._nag_names, args, kwargs))
-    nag = call_state.record()
-    if nag is None:
-        return out
-    return out.reshape(1, -1, out.shape[-1]).expand(nag.batch, -1, -1)
 
 
 def _caption_projections(model):
@@ -123,7 +113,7 @@ def _modulated_blocks(model):
 
 def _text_rows(text: torch.Tensor, rows: int, guided: int) -> torch.Tensor:
     """The ``rows + guided`` text rows ``[R, T, C]`` of a guided cross-attention, from the text as it reaches the
-    processor: ``[R, T, C]`` as is, or ``[rows, R * T, C]`` broadcast by ``_caption_forward`` (stride 0: row 0; a
+    processor: ``[R, T, C]`` as is, or ``[rows, R * T, C]`` broadcast by ``cross_attention.flattened_text_forward`` (stride 0: row 0; a
     copy per latent row, modulated with that row's sigma: each latent row's own text rows from its own copy)."""
     total = rows + guided
     if text.shape[0] == total:
@@ -421,7 +411,7 @@ LTX2 = Family(
     acts_in="the text cross-attentions attn2 (video) and audio_attn2 (audio) of every block, each branch with its "
             "own text mask",
     processors={LTX2Attention: NAGLTX2AttnProcessor},
-    forward_patches=(ForwardPatch(_caption_forward, _caption_projections),),
+    forward_patches=(ForwardPatch(cross_attention.flattened_text_forward, _caption_projections),),
     method_patches=(MethodPatch("get_mod_params", _mod_params, _modulated_blocks),),
     guided_attention=lambda name, module: name.rsplit(".", 1)[-1] in TEXT_ATTENTION,
     patch=_patch,

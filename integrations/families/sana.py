@@ -19,7 +19,7 @@ self-attention ``attn1``, the GLUMBConv feed-forward and the modulation (timeste
 embedding: never the text) run at ``L`` rows.
 
 The stock forward reshapes the projected text with ``.view(batch, -1, C)`` (batch = latent rows), which would fold
-the extra text rows into the sequence. In a guided forward the caption projection's ``forward`` (``_caption_forward``,
+the extra text rows into the sequence. In a guided forward the caption projection's ``forward`` (``cross_attention.flattened_text_forward``,
 one shared function) returns all ``L + g`` projected rows as one sequence broadcast (a stride-0 ``expand``, no copy)
 to the ``L`` latent rows, which that ``view`` leaves as it is; the caption RMSNorm (``_caption_norm_forward``)
 normalizes that sequence once and broadcasts it again; the processor reads the rows back. Neither model's forward
@@ -64,18 +64,8 @@ PIPELINES = {
 }
 VIDEO_PIPELINES = {"SanaVideoPipeline": {}, "SanaImageToVideoPipeline": {}}
 
-def _caption_forward(self, *args, **kwargs):
-    """``forward`` of the caption projection: in a guided forward, ``[L + g, T, C]`` -> ``[L, (L + g) * T, C]`` (all
-    text rows as one sequence, broadcast to the ``L`` latent rows); otherwise the stock forward."""
-    out = forward_patch.call_previous(self, **as_kwargs(self._nag_names, args, kwargs))
-    nag = call_state.record()  # the guided forward in progress on this thread, else None
-    if nag is None:
-        return out
-    return out.reshape(1, -1, out.shape[-1]).expand(nag.batch, -1, -1)
-
-
 def _caption_norm_forward(self, *args, **kwargs):
-    """``forward`` of the caption RMSNorm: in a guided forward its input is ``_caption_forward``'s broadcast sequence;
+    """``forward`` of the caption RMSNorm: in a guided forward its input is ``cross_attention.flattened_text_forward``'s broadcast sequence;
     normalize one copy (the norm is per token) and broadcast it again. Otherwise the stock forward."""
     kw = as_kwargs(self._nag_names, args, kwargs)
     if call_state.record() is None:
@@ -95,7 +85,7 @@ def _refuse_parallel(config, where: str) -> None:
 
 class _SanaCrossAttention(NAGProcessor):
     """The stock Sana cross-attention processor with NAG: in a guided forward (a record in ``call_state.record()``,
-    set by the model's pre-hook) the text arrives flattened by ``_caption_forward``; every other call goes to the
+    set by the model's pre-hook) the text arrives flattened by ``cross_attention.flattened_text_forward``; every other call goes to the
     wrapped stock processor unchanged."""
 
     def _attend(self, query, key, value, mask):
@@ -197,7 +187,7 @@ def _prompts(per_image_arg: str) -> SanaPrompts:
 
 
 _CAPTION_PATCHES = (
-    ForwardPatch(_caption_forward, lambda model: (model.caption_projection,)),
+    ForwardPatch(cross_attention.flattened_text_forward, lambda model: (model.caption_projection,)),
     ForwardPatch(_caption_norm_forward, lambda model: (model.caption_norm,)),
 )
 _COMMON = dict(
