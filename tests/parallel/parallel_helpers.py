@@ -42,6 +42,9 @@ def _entry(rank: int, world: int, port: int, path: str, worker, args) -> None:
     init(rank, world, port)
     try:
         result = worker(rank, world, *args)
+        # The ranks end together: a rank that returns early (its forward failed before any collective) must not tear
+        # the group down while the other is still setting up a collective of its own.
+        dist.barrier()
         if rank == 0:
             torch.save({"result": result}, path)
     except BaseException:

@@ -89,28 +89,25 @@ def run_case(kind, rows, text_rows, lse_backend):
             "nag_effect": diff(single, plain), "plain": diff(again, plain), "parallel": split}
 
 
-def run_failing(version, what):
-    """Whether the stock model and the NAG-patched one both fail under Ulysses, and NAG's error."""
+def run_failing(version, what, label):
+    """Whether the ``label`` model (``"stock"`` or ``"nag"``, NAG-patched) fails under Ulysses: its error, or None."""
     import ltx2_toy
 
     from nag_kernels.integrations import apply_nag
 
     _native()
     kw = _inputs(version, 1, 2, isolate=what != "audio-video", masks=what == "masks")
-    result = {}
-    for label in ("stock", "nag"):
-        model = ltx2_toy.transformer(version).float()
-        if label == "nag":
-            apply_nag(model, backend="torch")
-        model.enable_parallelism(config=ph.cp_config("ulysses"))
-        call = kw if label == "nag" else {k: (v[:1] if k.endswith(("encoder_hidden_states", "attention_mask"))
-                                              and isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        try:
-            forward(model, call)
-            result[label] = None
-        except Exception as err:  # noqa: BLE001 - the error is the result
-            result[label] = f"{type(err).__name__}: {err}"
-    return result
+    model = ltx2_toy.transformer(version).float()
+    if label == "nag":
+        apply_nag(model, backend="torch")
+    model.enable_parallelism(config=ph.cp_config("ulysses"))
+    call = kw if label == "nag" else {k: (v[:1] if k.endswith(("encoder_hidden_states", "attention_mask"))
+                                          and isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    try:
+        forward(model, call)
+    except Exception as err:  # noqa: BLE001 - the error is the result
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _worker(rank, world):
@@ -118,8 +115,8 @@ def _worker(rank, world):
     return {case: run_case(*case, lse_backend=backend) for case in CASES}
 
 
-def _failing_worker(rank, world, case):
-    return run_failing(*case)
+def _failing_worker(rank, world, case, label):
+    return run_failing(*case, label)
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +126,9 @@ def results():
 
 @pytest.fixture(scope="module")
 def failing_results():
-    # One process group per case: a forward that fails under the plan may fail on one rank before a collective the
-    # other rank has entered, which leaves that group unusable for the next case.
-    return {case: ph.launch(_failing_worker, case) for case in FAILING}
+    # One process group per case and model: a forward that fails under the plan may fail on one rank before a
+    # collective the other rank has entered, which leaves that group unusable for anything after it.
+    return {case: {label: ph.launch(_failing_worker, case, label) for label in ("stock", "nag")} for case in FAILING}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-rows{c[1]}-text{c[2]}")
