@@ -147,3 +147,18 @@ def merge_combine_sharded(o_shared, lse_shared, o_pos, lse_pos, o_neg, lse_neg, 
     z_neg = merge_attention_reference(o_shared, lse_shared, o_neg, lse_neg)
     out = combine_sharded(z_pos.flatten(-2), z_neg.flatten(-2), nag, group)
     return out.unflatten(-1, o_pos.shape[-2:]).to(o_pos.dtype)
+
+
+def refuse_without_plan(config, where: str = "this call", *, model: type, family: str) -> None:
+    """Refuse a guided call under diffusers' parallelism (``config``: a model's or a processor's ``_parallel_config``,
+    ``None`` when there is none) for a family whose NAG runs on one process only: ``model`` has no context-parallel
+    plan in diffusers, or one NAG does not implement. Calls without NAG never get here."""
+    if config is None:
+        return
+    why = (f"diffusers has no context-parallel plan (_cp_plan) for {model.__name__}"
+           if getattr(model, "_cp_plan", None) is None else f"NAG does not implement {family}'s context-parallel plan")
+    raise NotImplementedError(
+        f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): {why}, and NAG's {family} "
+        "integration runs on one process only. Call without NAG arguments, or run NAG without enable_parallelism / "
+        "parallel_config"
+    )

@@ -34,6 +34,8 @@ refused. Plain forwards (no record) go to the wrapped stock processors. No ``for
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux3 import (
@@ -43,7 +45,7 @@ from diffusers.models.transformers.transformer_flux3 import (
     _get_qkv_projections,
 )
 
-from .. import call_state
+from .. import call_state, parallel
 from ..family import Family, MethodPatch
 from ..guided import NAGForward, rows
 from ..modular_spec import ModularSpec
@@ -57,6 +59,10 @@ from ..split_attention import branch_join, combine, image_attention
 # project's own starting point, as FLUX.2.
 DEFAULTS = {"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
 GUIDED = "_nag_flux3_guided_attention"  # the guided attention bound on the text mode and single-stream blocks
+
+
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(parallel.refuse_without_plan, model=Flux3Transformer2DModel, family="FLUX.3")
 
 
 def unpack(x: torch.Tensor) -> torch.Tensor:
@@ -84,18 +90,6 @@ def fit_window(x: torch.Tensor, window: int) -> torch.Tensor:
     if length >= window:
         return x[:, :window]
     return torch.cat([x, x[:, -1:].expand(-1, window - length, *x.shape[2:])], dim=1)
-
-
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
-        plan = getattr(Flux3Transformer2DModel, "_cp_plan", None)
-        why = ("diffusers has no context-parallel plan (_cp_plan) for Flux3Transformer2DModel" if plan is None else
-               "NAG does not implement FLUX.3's context-parallel plan")
-        raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): {why}, and NAG's "
-            "FLUX.3 integration runs on one process only. Call without NAG arguments, or run NAG without "
-            "enable_parallelism / parallel_config"
-        )
 
 
 def _qkv(attn: Flux3Attention, hidden_states: torch.Tensor, rotary):

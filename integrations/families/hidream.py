@@ -40,6 +40,7 @@ model would give it in the layout it is computed in. Plain forwards are the stoc
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from diffusers.models.transformers.transformer_hidream_image import (
@@ -49,7 +50,7 @@ from diffusers.models.transformers.transformer_hidream_image import (
     apply_rope,
 )
 
-from .. import call_state, forward_patch
+from .. import call_state, forward_patch, parallel
 from ..family import Family, ForwardPatch, MethodPatch
 from ..forward_patch import parameter_names
 from ..guided import as_kwargs, rows
@@ -65,12 +66,10 @@ PER_LATENT_ROW = ("hidden_states", "timesteps", "img_ids", "img_sizes", "hidden_
 _LLAMA_INDEX = 2  # encode_prompt's result: (t5, neg t5, llama3, neg llama3, pooled, neg pooled)
 
 
-def _refuse_parallel(config) -> None:
-    if config is not None:
-        raise NotImplementedError(
-            "NAG on HiDream-I1 does not support a parallel config: diffusers has no context-parallel plan for "
-            "HiDreamImageTransformer2DModel. Call without NAG arguments, or run the model without enable_parallelism"
-        )
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(
+    parallel.refuse_without_plan, model=HiDreamImageTransformer2DModel, family="HiDream-I1"
+)
 
 
 def _extend(x, g: int):

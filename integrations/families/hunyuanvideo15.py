@@ -37,6 +37,8 @@ context-parallel plan (``_cp_plan``) for this model: a guided call under a paral
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -47,7 +49,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
     HunyuanVideo15Transformer3DModel,
 )
 
-from .. import call_state, forward_patch
+from .. import call_state, forward_patch, parallel
 from ..family import Family, ForwardPatch
 from ..guided import as_kwargs, rows
 from ..modular_spec import ModularSpec
@@ -68,14 +70,10 @@ TEXT, MASK, TEXT_2, MASK_2 = (
 IMAGE = "image_embeds"
 
 
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
-        raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): diffusers has no "
-            "context-parallel plan (_cp_plan) for HunyuanVideo15Transformer3DModel, and NAG's HunyuanVideo 1.5 "
-            "integration runs on one process only. Call without NAG arguments, or run NAG without enable_parallelism "
-            "/ parallel_config"
-        )
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(
+    parallel.refuse_without_plan, model=HunyuanVideo15Transformer3DModel, family="HunyuanVideo 1.5"
+)
 
 
 def _is_guided(nag, hidden_states, encoder_hidden_states) -> bool:

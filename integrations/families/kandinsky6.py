@@ -27,6 +27,7 @@ to their call (``guided.carry_record_into_checkpoints``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from diffusers.models.transformers.transformer_kandinsky6 import (
@@ -37,7 +38,7 @@ from diffusers.models.transformers.transformer_kandinsky6 import (
     apply_rotary,
 )
 
-from .. import call_state, cross_attention, forward_patch
+from .. import call_state, cross_attention, forward_patch, parallel
 from ..family import Family, ForwardPatch
 from ..guided import as_kwargs, rows
 from ..pipeline import PromptAdapter
@@ -54,14 +55,10 @@ POOLED = "pooled_projections"
 MASK = 2  # the index of the prompt's attention mask
 
 
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
-        raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): diffusers has no "
-            "context-parallel plan (_cp_plan) for Kandinsky6Transformer3DModel, and NAG's Kandinsky 6 integration "
-            "runs on one process only. Call without NAG arguments, or run NAG without enable_parallelism / "
-            "parallel_config"
-        )
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(
+    parallel.refuse_without_plan, model=Kandinsky6Transformer3DModel, family="Kandinsky 6"
+)
 
 
 class NAGKandinsky6AttnProcessor(NAGProcessor):

@@ -35,6 +35,8 @@ refused. Plain forwards (no record) go to the wrapped stock processors and the s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_krea2 import (
@@ -43,7 +45,7 @@ from diffusers.models.transformers.transformer_krea2 import (
     Krea2Transformer2DModel,
 )
 
-from .. import call_state, forward_patch
+from .. import call_state, forward_patch, parallel
 from ..family import Family, ForwardPatch
 from ..guided import NAGForward, as_kwargs, rows
 from ..modular_spec import ModularSpec
@@ -56,6 +58,10 @@ from ..split_attention import branch_join, combine, image_attention, merge_combi
 # the same pipeline class, is_distilled=True). Nothing is published: this project's own starting point.
 PIPELINES = {"Krea2Pipeline": {}}
 DEFAULTS = {"scale": 5.0, "tau": 2.5, "alpha": 0.25, "end": 1.0, "mode": "exact"}
+
+
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(parallel.refuse_without_plan, model=Krea2Transformer2DModel, family="Krea 2")
 
 
 def unpack(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -72,15 +78,6 @@ def unpack(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 def pack(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Inverse of ``unpack`` along dim 1: ``[2B, T, ...]`` -> ``[B, 2T, ...]``, the branches' tokens interleaved."""
     return torch.stack([x[:batch], x[batch:]], dim=2).flatten(1, 2)
-
-
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
-        raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): diffusers has no "
-            "context-parallel plan for Krea2Transformer2DModel, and NAG's Krea 2 integration runs on one process "
-            "only. Call without NAG arguments, or run NAG without enable_parallelism / parallel_config"
-        )
 
 
 def _gated_merge(gate: torch.Tensor):

@@ -36,6 +36,7 @@ config is refused (``_refuse_parallel``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0, SanaTransformer2DModel
 
-from .. import call_state, cross_attention, forward_patch
+from .. import call_state, cross_attention, forward_patch, parallel
 from ..family import Family, ForwardPatch
 from ..guided import as_kwargs, rows
 from ..pipeline import PromptAdapter
@@ -64,6 +65,10 @@ PIPELINES = {
 }
 VIDEO_PIPELINES = {"SanaVideoPipeline": {}, "SanaImageToVideoPipeline": {}}
 
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(parallel.refuse_without_plan, model=SanaTransformer2DModel, family="Sana")
+
+
 def _caption_norm_forward(self, *args, **kwargs):
     """``forward`` of the caption RMSNorm: in a guided forward its input is ``cross_attention.flattened_text_forward``'s broadcast sequence;
     normalize one copy (the norm is per token) and broadcast it again. Otherwise the stock forward."""
@@ -74,19 +79,10 @@ def _caption_norm_forward(self, *args, **kwargs):
     return forward_patch.call_previous(self, **{**kw, "hidden_states": x[:1]}).expand(x.shape[0], -1, -1)
 
 
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
-        raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): diffusers has no "
-            "context-parallel plan for Sana models, and NAG's Sana integration runs on one process only. Call "
-            "without NAG arguments, or run NAG without enable_parallelism / parallel_config"
-        )
-
-
 class _SanaCrossAttention(NAGProcessor):
     """The stock Sana cross-attention processor with NAG: in a guided forward (a record in ``call_state.record()``,
-    set by the model's pre-hook) the text arrives flattened by ``cross_attention.flattened_text_forward``; every other call goes to the
-    wrapped stock processor unchanged."""
+    set by the model's pre-hook) the text arrives flattened by ``cross_attention.flattened_text_forward``; every other
+    call goes to the wrapped stock processor unchanged."""
 
     def _attend(self, query, key, value, mask):
         raise NotImplementedError
@@ -135,7 +131,7 @@ class NAGSanaVideoAttnProcessor(_SanaCrossAttention):
 
 def _check(model, kw: dict, batch: int) -> None:
     """A guided forward's inputs that the batch rule alone does not catch."""
-    _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}")
+    _refuse_parallel(getattr(model, "_parallel_config", None), f"this {type(model).__name__}", model=type(model))
     text = kw["encoder_hidden_states"]
     width = model.config.caption_channels
     if text.dim() != 3 or text.shape[-1] != width:

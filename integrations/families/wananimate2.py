@@ -32,6 +32,7 @@ is the ``ModularSpec`` this family needs, its ``blocks`` hook ``patch_blocks`` (
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -50,7 +51,7 @@ from diffusers.modular_pipelines.wan_animate_2.denoise import (
 )
 from tqdm import tqdm
 
-from .. import call_state, cross_attention
+from .. import call_state, cross_attention, parallel
 from ..family import Family
 from ..guided import rows
 from ..modular_spec import ModularSpec
@@ -67,14 +68,10 @@ LATENTS = "hidden_states"
 RECORD = "nag_guidance"  # integrations.modular.RECORD: the PipelineState entry of the call's NAGCall
 
 
-def _refuse_parallel(config, where: str) -> None:
-    if config is not None:
-        raise NotImplementedError(
-            f"NAG cannot guide {where} under diffusers' parallelism (a parallel config is set): diffusers has no "
-            "context-parallel plan (_cp_plan) for WanAnimate2Transformer3DModel, and NAG's Wan Animate 2 integration "
-            "runs on one process only. Call without NAG arguments, or run NAG without enable_parallelism / "
-            "parallel_config"
-        )
+# A guided call under diffusers' parallelism is refused (one process only): parallel.refuse_without_plan.
+_refuse_parallel = functools.partial(
+    parallel.refuse_without_plan, model=WanAnimate2Transformer3DModel, family="Wan Animate 2"
+)
 
 
 class NAGWanAnimate2CrossAttnProcessor(NAGProcessor):
