@@ -20,7 +20,7 @@ import types
 import torch
 
 from . import forward_patch
-from .processor import restore_processors, wrap_processors
+from .processor import foreign_processor_error, restore_processors, wrap_processors
 
 
 @dataclasses.dataclass
@@ -102,10 +102,4 @@ def check_processors(family, model: torch.nn.Module) -> None:
     state = getattr(model, "_nag_state", None)
     for name, module, processor_cls in state.installed.attention if state is not None else ():
         if not isinstance(module.processor, processor_cls):
-            kind = type(module.processor).__name__
-            raise RuntimeError(
-                f"NAG cannot guide this call: {name} uses {kind}, not NAG's processor. NAG guides the stock attention "
-                "only; IP-Adapters (load_ip_adapter) and custom processors are not supported together with NAG. Call "
-                "without NAG arguments, or remove the IP-Adapter (pipe.unload_ip_adapter()) / custom processor and "
-                "call apply_nag(pipe) again"
-            )
+            raise foreign_processor_error(name, module.processor)

@@ -107,15 +107,20 @@ def restore_processors(model: torch.nn.Module, attention_cls: type, processor_cl
                 module.set_processor(processors.get(name, module.processor.inner))
 
 
+def foreign_processor_error(name: str, processor) -> RuntimeError:
+    """The error of a guided forward when the attention module ``name`` has ``processor``, not NAG's (an IP-Adapter's,
+    a custom one, or a stock one set after ``apply_nag``), naming it and the way out."""
+    return RuntimeError(
+        f"NAG cannot guide this call: {name} uses {type(processor).__name__}, not NAG's processor. NAG guides the stock "
+        "attention only; IP-Adapters (load_ip_adapter) and custom processors are not supported together with NAG. Call "
+        "without NAG arguments, or remove the IP-Adapter (pipe.unload_ip_adapter()) / custom processor and call "
+        "apply_nag(pipe) again"
+    )
+
+
 def check_processors(model: torch.nn.Module, attention_cls: type, processor_cls: type) -> None:
-    """Refuse a guided forward when an attention module's processor is not NAG's (an IP-Adapter's, a custom one, or
-    a stock one set after ``apply_nag``), naming it and the way out."""
+    """Refuse a guided forward when an attention module of ``attention_cls`` lacks ``processor_cls``
+    (``foreign_processor_error``). The core checks the modules ``install`` recorded (``install.check_processors``)."""
     for name, module in model.named_modules():
         if isinstance(module, attention_cls) and not isinstance(module.processor, processor_cls):
-            kind = type(module.processor).__name__
-            raise RuntimeError(
-                f"NAG cannot guide this call: {name} uses {kind}, not NAG's processor. NAG guides the stock attention "
-                "only; IP-Adapters (load_ip_adapter) and custom processors are not supported together with NAG. Call "
-                "without NAG arguments, or remove the IP-Adapter (pipe.unload_ip_adapter()) / custom processor and "
-                "call apply_nag(pipe) again"
-            )
+            raise foreign_processor_error(name, module.processor)
