@@ -47,7 +47,7 @@ def test_registry_selection():
 UNBATCHED = ("img_ids", "txt_ids", "position_ids")
 
 
-def _shared_across_the_batch(entry, key, one, two) -> bool:
+def _shared_across_the_batch(key, one, two) -> bool:
     """Not a per-sample tensor: a named position tensor, a one-row timestep both batches share, or one whose first
     dim is not the batch at all (MiniMax-H3's per-segment timesteps: more than one row at batch 1)."""
     return key in UNBATCHED or one.shape[0] != 1 or (key == "timestep" and two.shape[0] == 1)
@@ -69,7 +69,7 @@ def test_every_entry_builds_its_inputs():
             assert one[variant] and len(one[variant]) == len(two[variant]), (entry.key, variant)
             for kw1, kw2 in zip(one[variant], two[variant]):
                 for key, v in kw1.items():
-                    if isinstance(v, torch.Tensor) and v.dim() and not _shared_across_the_batch(entry, key, v, kw2[key]):
+                    if isinstance(v, torch.Tensor) and v.dim() and not _shared_across_the_batch(key, v, kw2[key]):
                         # activations on meta; integer index / size tensors (grid sizes) may be host tensors
                         assert v.device.type == "meta" or not v.is_floating_point(), (entry.key, key)
                         assert kw2[key].shape[0] == 2 * v.shape[0], (entry.key, variant, key)
